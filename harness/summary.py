@@ -1,0 +1,78 @@
+"""Build `summary.json` from the ledger alone, so `arena report DIR` can rebuild it."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from harness.ledger import Ledger
+from harness.metrics import cell_metrics
+
+
+def build_summary(out_dir: str | Path) -> dict[str, Any]:
+    """One record per cell plus the run's metadata (config, versions, device)."""
+    ledger = Ledger(out_dir)
+    try:
+        runs = ledger.runs()
+        if not runs:
+            raise FileNotFoundError(f"{out_dir} holds no run: ledger.sqlite has no runs table rows")
+        config = runs[-1]["config"]
+        rule = config["evaluation"]["aggregate"]
+        resamples = config["runner"]["bootstrap_resamples"]
+
+        images = ledger.images()
+        by_cell: dict[str, list[dict]] = defaultdict(list)
+        for row in images:
+            by_cell[row["cell_key"]].append(row)
+        timings: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+        for row in ledger.timings():
+            timings[(row["model"], row["defense"], row["concept"])].append(row)
+        prompts: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+        for row in ledger.adversarial_prompts():
+            model, defense = row["defended_model"].split("|", 1)
+            prompts[(row["attack"], f"{model}|{defense}", row["concept"])].append(row)
+
+        records = []
+        for cell in ledger.cells():
+            post_rows = by_cell.get(cell["cell_key"], [])
+            pre_key = "|".join([cell["model"], cell["defense"], "none", cell["concept"]])
+            pre_rows = by_cell.get(pre_key, [])
+            if not post_rows or not pre_rows:
+                continue
+            record = cell_metrics(
+                cell=cell,
+                pre_rows=pre_rows,
+                post_rows=post_rows,
+                timings=timings[(cell["model"], cell["defense"], cell["concept"])],
+                prompts=prompts[
+                    (cell["attack"], f"{cell['model']}|{cell['defense']}", cell["concept"])
+                ],
+                rule=rule,
+                resamples=resamples,
+            )
+            records.append(record)
+        return {
+            "run": {
+                "name": config["name"],
+                "runs_in_ledger": len(runs),
+                "environment": runs[-1]["environment"],
+                "sampler": config["sampler"],
+                "seeds": config["seeds"],
+                "aggregation": rule,
+                "executor": config["runner"]["executor"],
+            },
+            "cells": records,
+        }
+    finally:
+        ledger.close()
+
+
+def write_summary(out_dir: str | Path) -> dict[str, Any]:
+    summary = build_summary(out_dir)
+    path = Path(out_dir) / "summary.json"
+    temp = path.with_suffix(".json.tmp")
+    temp.write_text(json.dumps(summary, indent=2, sort_keys=False), encoding="utf-8")
+    temp.replace(path)
+    return summary
