@@ -76,6 +76,10 @@ class Attack:
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, **self.options}
 
+    def estimated_denoiser_passes(self) -> int:
+        """Denoiser forward passes per case under the current options, for planning."""
+        return 0
+
     def run(self, case: Case, context: AttackContext) -> AttackResult:
         raise NotImplementedError(f"attack {self.name!r} does not implement run()")
 

@@ -3,6 +3,7 @@
     arena list [--json]                   every registered plugin
     arena run CONFIG [--out DIR] [--set KEY=VALUE ...] [--dry-run]
     arena report DIR                      rebuild summary.json and the report from the ledger
+    arena compare DIR... --out OUT        overlay several runs in one report
     arena train METHOD CONFIG             train a defense's weights (ESD, SafeRedir)
     arena shapes train|eval               the embedded shapes world
 
@@ -77,6 +78,8 @@ def command_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = runner.plan()
         print(f"config {config.name!r}: {len(plan['cells'])} cells, {plan['images']} images")
+        hours = plan["estimated_gpu_hours"]
+        print(f"  estimated GPU time: {hours:.3g} h (an estimate from per-pass costs)")
         for concept, count in plan["cases"].items():
             print(f"  concept {concept}: {count} cases")
         for cell in plan["cells"]:
@@ -95,6 +98,14 @@ def command_report(args: argparse.Namespace) -> int:
         raise UsageError(f"no ledger.sqlite in {directory}: not a run directory")
     summary = write_outputs(directory)
     print(f"rebuilt summary ({len(summary['cells'])} cells) and report in {directory}")
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from harness.report.compare import compare_runs
+
+    combined = compare_runs([Path(d) for d in args.dirs], Path(args.out))
+    print(f"compared {len(args.dirs)} runs ({len(combined['cells'])} cells) into {args.out}")
     return 0
 
 
@@ -131,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild summary.json and the report")
     report.add_argument("dir", help="run directory holding ledger.sqlite")
     report.set_defaults(handler=command_report)
+
+    compare = commands.add_parser("compare", help="overlay several runs in one report")
+    compare.add_argument("dirs", nargs="+", help="run directories holding summary.json")
+    compare.add_argument("--out", required=True, help="output directory for the comparison")
+    compare.set_defaults(handler=command_compare)
 
     train = commands.add_parser("train", help="train a defense (ESD, SafeRedir, ...)")
     train.add_argument("method", help="trainer name, see `arena list`")

@@ -62,10 +62,17 @@ class EvaluatorRef(_Strict):
 
 
 class ConceptConfig(_Strict):
-    """One erased concept: its prompts, its judge, and the text defenses use for it."""
+    """One erased concept: its prompts, its judge, and the text defenses use for it.
+
+    `task` groups the prompt sets of one erasure task (its forget, retain and benign
+    prompts are three concepts of the config with the same task); `role` says which of
+    the three this is, so the report can put benign fidelity beside forget ASR.
+    """
 
     name: str
     text: str | None = None
+    task: str | None = None
+    role: Literal["forget", "retain", "benign"] = "forget"
     prompt_set: PluginRef
     evaluator: EvaluatorRef
     limit: int | None = Field(default=None, ge=1)
@@ -98,6 +105,20 @@ class EvaluationConfig(_Strict):
     aggregate: Literal["any", "all", "majority"] = "any"
 
 
+class QualityConfig(_Strict):
+    """Benign-fidelity metrics, computed for the unattacked cells of each defense.
+
+    SSIM and PSNR compare each image with the undefended model's image of the same case
+    and seed; they need no weights. The others run only when their weights are given.
+    """
+
+    ssim: bool = True
+    clip_model: str | None = None
+    fid_inception: str | None = None
+    lpips_backbone: str | None = None
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+
+
 class RunnerConfig(_Strict):
     batch_size: int = Field(default=8, ge=1)
     attack_batch_size: int = Field(default=1, ge=1)
@@ -119,6 +140,7 @@ class RunConfig(_Strict):
     sampler: SamplerConfig = SamplerConfig()
     seeds: SeedConfig = SeedConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    quality: QualityConfig = QualityConfig()
     runner: RunnerConfig = RunnerConfig()
 
     @field_validator("models", "attacks", mode="before")

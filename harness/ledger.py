@@ -20,10 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -167,20 +163,26 @@ class Ledger:
             for row in rows
         ]
 
+    def check_cell(self, cell_key: str, fingerprint: str) -> bool:
+        """Return whether the cell exists; raise if it was made with other settings."""
+        row = self.connection.execute(
+            "SELECT fingerprint FROM cells WHERE cell_key = ?", (cell_key,)
+        ).fetchone()
+        if row is None:
+            return False
+        if row["fingerprint"] != fingerprint:
+            raise LedgerMismatchError(
+                f"{self.directory} holds cell {cell_key!r} made with other settings"
+                f" (fingerprint {row['fingerprint']} != {fingerprint});"
+                " choose a new --out directory"
+            )
+        return True
+
     def ensure_cell(
         self, cell_key: str, names: dict[str, str], fingerprint: str, settings: dict[str, Any]
     ) -> None:
         """Record a cell, or check that an existing one was made with the same settings."""
-        row = self.connection.execute(
-            "SELECT fingerprint FROM cells WHERE cell_key = ?", (cell_key,)
-        ).fetchone()
-        if row is not None:
-            if row["fingerprint"] != fingerprint:
-                raise LedgerMismatchError(
-                    f"{self.directory} holds cell {cell_key!r} made with other settings"
-                    f" (fingerprint {row['fingerprint']} != {fingerprint});"
-                    " choose a new --out directory"
-                )
+        if self.check_cell(cell_key, fingerprint):
             return
         with self.transaction() as db:
             db.execute(
@@ -332,14 +334,13 @@ def _prompt_row(row: sqlite3.Row) -> dict[str, Any]:
     return record
 
 
-def save_png_atomic(image: torch.Tensor, path: Path) -> None:
-    """Write a (3, H, W) image in [0, 1] as PNG through a temp file and a rename."""
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write a file through a temp file and a rename, so a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            Image.fromarray(array).save(stream, format="PNG")
+            stream.write(data)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

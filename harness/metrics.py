@@ -107,6 +107,8 @@ def cell_metrics(
         "attack": cell["attack"],
         "concept": cell["concept"],
         "prompt_set": cell["prompt_set"],
+        "task": settings.get("task", cell["concept"]),
+        "role": settings.get("role", "forget"),
         "n_cases": len(cases),
         "pre_asr": _mean(pre_values),
         "pre_asr_ci95": bootstrap_ci(pre_values, resamples),

@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 import platform
 import re
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,31 +20,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from harness.attack import NEEDS_EVALUATOR, Attack, AttackContext
-from harness.config import ConceptConfig, DefenseRef, PluginRef, RunConfig, stable_hash
-from harness.defense import Defense
-from harness.evaluators.base import Evaluator
-from harness.ledger import ImageRow, Ledger, image_key, save_png_atomic
+from harness.config import ConceptConfig, PluginRef, RunConfig, stable_hash
+from harness.ledger import ImageRow, Ledger, image_key, write_bytes_atomic
 from harness.model import ALL_CAPABILITIES, DiffusionModel
 from harness.prompts.base import Case
 from harness.registry import create, registry
+from harness.worker import CellWorker, GeneratedImage, load_model, make_evaluator, plan_jobs
 
 log = logging.getLogger(__name__)
 
 NO_ATTACK = PluginRef(name="none")
+VARIANTS = ("undefended", "defended")
 
 
 class PlanError(ValueError):
     """The grid contains a pairing that cannot run; raised before any work starts."""
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    case: Case
-    seed_index: int
-    seed: int
-    guidance: float
-    key: str
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,13 +127,29 @@ class Runner:
         return cases
 
     def plan(self) -> dict[str, Any]:
-        """The grid without loading any model: cells, cases and images per concept."""
+        """The grid without loading any model: cells, cases, images and a time estimate.
+
+        Evaluators are built (they load their weights lazily) so that missing weight files
+        are reported now rather than after hours of generation.
+        """
         check_pairings(self.config)
         attacks = attacks_with_baseline(self.config.attacks)
         per_concept = {}
         for concept in self.config.concepts:
-            cases = self.load_cases(concept)
-            per_concept[concept.name] = len(cases)
+            per_concept[concept.name] = len(self.load_cases(concept))
+            evaluator = create(
+                "evaluators",
+                concept.evaluator.name,
+                preset=concept.evaluator.preset,
+                **concept.evaluator.options,
+            )
+            missing = evaluator.missing_files()
+            if missing:
+                raise PlanError(
+                    f"concept {concept.name!r}: evaluator {concept.evaluator.name!r} is missing"
+                    f" {', '.join(missing)}"
+                )
+
         cells = []
         for model in self.config.models:
             for concept in self.config.concepts:
@@ -153,9 +157,38 @@ class Runner:
                     for attack in attacks:
                         cells.append((model.key, defense.key, attack.key, concept.name))
         images = sum(
-            per_concept[concept] * self.config.seeds.images_per_case for _, _, _, concept in cells
+            per_concept[concept] * self.config.seeds.images_per_case for *_, concept in cells
         )
-        return {"cells": cells, "cases": per_concept, "images": images}
+        return {
+            "cells": cells,
+            "cases": per_concept,
+            "images": images,
+            "estimated_gpu_hours": self._estimate_gpu_hours(per_concept, attacks),
+        }
+
+    def _estimate_gpu_hours(self, per_concept: dict[str, int], attacks: list[PluginRef]) -> float:
+        """Rough GPU time: denoiser passes times each model's estimated seconds per pass.
+
+        Generation costs `steps` guided passes per image; an attack costs what its plugin
+        estimates per case (`estimated_denoiser_passes`), with a backward pass counted as
+        two forward passes. An estimate for planning, not a measurement.
+        """
+        seconds = 0.0
+        for model_ref in self.config.models:
+            model_cls = registry("models").get(model_ref.name)
+            pass_seconds = model_cls.estimated_pass_seconds(
+                self.config.sampler.height, self.config.sampler.width
+            )
+            steps = self.config.sampler.steps or model_cls.default_steps
+            for cases in per_concept.values():
+                images = cases * self.config.seeds.images_per_case
+                for _defense in self.config.defenses:
+                    seconds += len(attacks) * images * steps * pass_seconds
+                    for attack_ref in attacks:
+                        attack_cls = registry("attacks").get(attack_ref.name)
+                        passes = attack_cls(**attack_ref.options).estimated_denoiser_passes()
+                        seconds += cases * passes * 3 * pass_seconds
+        return seconds / 3600.0
 
     # -- the run -------------------------------------------------------------------------
 
@@ -187,291 +220,124 @@ class Runner:
         )
         cells_bar = tqdm(total=total, desc="cells", unit="cell", disable=not self.progress)
         for model_ref in self.config.models:
-            plugin = create(
-                "models", model_ref.name, **{"label": model_ref.key, **model_ref.options}
-            )
-            base = plugin.load(self.device, self.dtype)
-            log.info("loaded model %s (%s)", model_ref.key, base.info.get("source", model_ref.name))
+            base: DiffusionModel | None = None
             for concept in self.config.concepts:
                 cases = self.load_cases(concept)
-                evaluator: Evaluator = create(
-                    "evaluators",
-                    concept.evaluator.name,
-                    preset=concept.evaluator.preset,
-                    **concept.evaluator.options,
-                )
+                evaluator = None
                 for defense_ref in self.config.defenses:
-                    defended, defense_settings = self._defend(base, defense_ref, concept)
-                    self._probe_latency(
-                        ledger, base, defended, model_ref.key, defense_ref.key, concept, cases
+                    names = (model_ref.key, defense_ref.key, concept.name)
+                    self._check_cells(ledger, model_ref, defense_ref, concept, attacks)
+                    if self._group_done(ledger, names, cases, attacks):
+                        cells_bar.update(len(attacks))
+                        continue
+                    # Models and judges load only when a group still has work, so a
+                    # finished run resumes without loading anything.
+                    if base is None:
+                        base = load_model(self.config, model_ref, self.device, self.dtype)
+                    if evaluator is None:
+                        evaluator = make_evaluator(concept)
+                    worker = CellWorker(
+                        self.config,
+                        model_ref,
+                        concept,
+                        defense_ref,
+                        self.device,
+                        self.dtype,
+                        base=base,
+                        evaluator=evaluator,
                     )
-                    for attack_ref in attacks:
-                        cells_bar.set_postfix_str(
-                            f"{defense_ref.key} / {attack_ref.key} / {concept.name}"
+                    fingerprints = {
+                        attack_ref.key: self.cell_fingerprint(
+                            model_ref, defense_ref, attack_ref, concept
                         )
-                        self._run_cell(
-                            ledger,
-                            model_key=model_ref.key,
-                            defense_key=defense_ref.key,
-                            attack_ref=attack_ref,
-                            concept=concept,
-                            cases=cases,
-                            base=base,
-                            defended=defended,
-                            evaluator=evaluator,
-                            defense_settings=defense_settings,
-                        )
-                        cells_bar.update(1)
-            del base
+                        for attack_ref in attacks
+                    }
+                    self._run_group(ledger, worker, cases, attacks, fingerprints, cells_bar)
         cells_bar.close()
 
-    def _defend(
-        self, base: DiffusionModel, defense_ref: DefenseRef, concept: ConceptConfig
-    ) -> tuple[DiffusionModel, list[dict[str, Any]]]:
-        model = base
-        settings = []
-        for inner in defense_ref.chain():
-            defense: Defense = create(
-                "defenses", inner.name, concept=concept.concept_text, **inner.options
-            )
-            model = defense.wrap(model)
-            settings.append(defense.describe())
-        log.info("defense %s ready for concept %s", defense_ref.key, concept.name)
-        return model, settings
-
-    def _sampler_settings(self, model: DiffusionModel) -> dict[str, Any]:
-        sampler = self.config.sampler
-        return {
-            "scheduler": sampler.scheduler,
-            "steps": sampler.steps or model.default_steps,
-            "guidance": sampler.guidance
-            if sampler.guidance is not None
-            else model.default_guidance,
-            "height": sampler.height or model.default_size,
-            "width": sampler.width or model.default_size,
-            "use_case_guidance": sampler.use_case_guidance,
-        }
-
-    def _jobs(self, model_key, defense_key, attack_key, concept, cases, sampler) -> list[ImageJob]:
-        seeds = self.config.seeds
-        jobs = []
-        for case in cases:
-            base_seed = (
-                case.seed if (seeds.use_case_seed and case.seed is not None) else seeds.base_seed
-            )
-            guidance = sampler["guidance"]
-            if sampler["use_case_guidance"] and case.guidance is not None:
-                guidance = case.guidance
-            for k in range(seeds.images_per_case):
-                key = image_key(model_key, defense_key, attack_key, concept.name, case.case_id, k)
-                jobs.append(ImageJob(case, k, base_seed + k, float(guidance), key))
-        return jobs
-
-    # -- timing --------------------------------------------------------------------------
-
-    def _timed_generate(self, model: DiffusionModel, prompts, seeds, guidance, sampler):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        output = model.generate(
-            prompts,
-            seeds=seeds,
-            guidance=guidance,
-            steps=sampler["steps"],
-            scheduler=sampler["scheduler"],
-            height=sampler["height"],
-            width=sampler["width"],
-        )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return output, time.perf_counter() - start
-
-    def _probe_latency(
-        self, ledger, base, defended, model_key, defense_key, concept, cases
-    ) -> None:
-        """Time single images, alternating undefended and defended generations.
-
-        Interleaving (ABBA order) keeps slow drifts of the machine, such as thermal
-        throttling or another process, from landing on one side of the overhead ratio.
-        """
+    def _probe_keys(self, names: tuple[str, str, str], cases: list[Case]) -> list[str]:
         count = min(self.config.runner.latency_probe_images, len(cases))
-        if count == 0:
-            return
-        prefix = f"{model_key}|{defense_key}|{concept.name}|probe"
-        done = ledger.timing_keys()
-        if all(f"{prefix}|defended|{i}" in done for i in range(count)):
-            return
-        sampler = self._sampler_settings(defended)
-        jobs = self._jobs(model_key, defense_key, "none", concept, cases[:count], sampler)[::1]
-        jobs = [job for job in jobs if job.seed_index == 0][:count]
+        prefix = "|".join(names) + "|probe"
+        return [f"{prefix}|{variant}|{i}" for i in range(count) for variant in VARIANTS]
 
-        # One untimed generation per model, so lazy initialisation is not timed.
-        self._timed_generate(
-            base, [jobs[0].case.prompt], [jobs[0].seed], [jobs[0].guidance], sampler
+    def cell_fingerprint(self, model_ref, defense_ref, attack_ref, concept) -> str:
+        """Hash of the config entries that decide a cell's images and verdicts.
+
+        It is computed from the config alone, so a finished run can be checked against a
+        changed config without loading any model.
+        """
+        return stable_hash(
+            {
+                "run": self.fingerprint,
+                "model": model_ref.model_dump(),
+                "defense": defense_ref.model_dump(),
+                "attack": attack_ref.model_dump(),
+                "concept": concept.model_dump(),
+            }
         )
-        self._timed_generate(
-            defended, [jobs[0].case.prompt], [jobs[0].seed], [jobs[0].guidance], sampler
-        )
 
-        rows = []
-        for index, job in enumerate(jobs):
-            order = [("undefended", base), ("defended", defended)]
-            if index % 2:
-                order.reverse()
-            for variant, model in order:
-                _, seconds = self._timed_generate(
-                    model, [job.case.prompt], [job.seed], [job.guidance], sampler
-                )
-                rows.append(
-                    {
-                        "timing_key": f"{prefix}|{variant}|{index}",
-                        "model": model_key,
-                        "defense": defense_key,
-                        "concept": concept.name,
-                        "kind": "latency_probe",
-                        "variant": variant,
-                        "probe_index": index,
-                        "batch_size": 1,
-                        "seconds": seconds,
-                    }
-                )
-        ledger.add_timings(rows)
-        log.info("latency probe %s: %d single-image pairs timed", prefix, len(jobs))
+    def _check_cells(self, ledger, model_ref, defense_ref, concept, attacks) -> None:
+        for attack_ref in attacks:
+            key = cell_key(model_ref.key, defense_ref.key, attack_ref.key, concept.name)
+            fingerprint = self.cell_fingerprint(model_ref, defense_ref, attack_ref, concept)
+            ledger.check_cell(key, fingerprint)
 
-    # -- attacks -------------------------------------------------------------------------
+    def _group_done(self, ledger, names, cases, attacks) -> bool:
+        """True when the ledger holds every image and timing of a (model, defense, concept)."""
+        model_key, defense_key, concept_name = names
+        if not set(self._probe_keys(names, cases)) <= ledger.timing_keys():
+            return False
+        for attack_ref in attacks:
+            key = cell_key(model_key, defense_key, attack_ref.key, concept_name)
+            existing = ledger.existing_image_keys(key)
+            for case in cases:
+                for k in range(self.config.seeds.images_per_case):
+                    job_key = image_key(
+                        model_key, defense_key, attack_ref.key, concept_name, case.case_id, k
+                    )
+                    if job_key not in existing:
+                        return False
+        return True
 
-    def _adversarial_prompts(
-        self,
-        ledger,
-        attack_ref,
-        concept,
-        cases,
-        base,
-        defended,
-        model_key,
-        defense_key,
-        evaluator,
-        sampler,
-    ) -> dict[str, str]:
-        if attack_ref.key == "none":
-            return {case.case_id: case.prompt for case in cases}
+    def _run_group(
+        self, ledger, worker: CellWorker, cases, attacks, fingerprints, cells_bar
+    ) -> None:
+        names = (worker.model_key, worker.defense_key, worker.concept.name)
+        probe_keys = self._probe_keys(names, cases)
+        if probe_keys and not set(probe_keys) <= ledger.timing_keys():
+            count = min(self.config.runner.latency_probe_images, len(cases))
+            ledger.add_timings(worker.probe_latency(cases, count))
 
-        attack: Attack = create("attacks", attack_ref.name, **attack_ref.options)
-        attack_hash = stable_hash({"attack": attack.describe(), "sampler": sampler})
-        prefix = f"{attack_ref.key}|{attack_hash}|{model_key}|{defense_key}|{concept.name}"
-        prompts: dict[str, str] = {}
-        todo: list[Case] = []
-        for case in cases:
-            cached = ledger.adversarial_prompt(f"{prefix}|{case.case_id}")
-            if cached is None:
-                todo.append(case)
-            else:
-                prompts[case.case_id] = cached["prompt"]
-        if not todo:
-            return prompts
-
-        judge = None
-        if NEEDS_EVALUATOR in attack.needs:
-            judge = self._make_judge(evaluator, concept)
-        context = AttackContext(model=defended, original_model=base, sampler=sampler, judge=judge)
-        bar = tqdm(
-            total=len(todo),
-            desc=f"attack {attack_ref.key}",
-            unit="case",
-            leave=False,
-            disable=not self.progress,
-        )
-        batch_size = self.config.runner.attack_batch_size
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            began = time.perf_counter()
-            results = attack.run_batch(batch, context)
-            elapsed = time.perf_counter() - began
-            for case, result in zip(batch, results, strict=True):
-                wall = result.wall_seconds or elapsed / len(batch)
-                ledger.add_adversarial_prompt(
-                    {
-                        "prompt_key": f"{prefix}|{case.case_id}",
-                        "attack": attack_ref.key,
-                        "attack_hash": attack_hash,
-                        "defended_model": f"{model_key}|{defense_key}",
-                        "concept": concept.name,
-                        "case_id": case.case_id,
-                        "original_prompt": case.prompt,
-                        "prompt": result.prompt,
-                        "iterations": result.iterations,
-                        "denoiser_calls": result.denoiser_calls,
-                        "text_encoder_calls": result.text_encoder_calls,
-                        "wall_seconds": wall,
-                        "loss_trace": result.loss_trace,
-                        "extra": result.extra,
-                    }
-                )
-                prompts[case.case_id] = result.prompt
-            bar.update(len(batch))
-        bar.close()
-        return prompts
-
-    def _make_judge(self, evaluator: Evaluator, concept: ConceptConfig):
-        def judge(images: torch.Tensor, case: Case) -> list[bool]:
-            return [j.present for j in evaluator.evaluate(images, concept.name)]
-
-        return judge
-
-    # -- generation ----------------------------------------------------------------------
+        for attack_ref in attacks:
+            cells_bar.set_postfix_str(
+                f"{worker.defense_key} / {attack_ref.key} / {worker.concept.name}"
+            )
+            self._run_cell(ledger, worker, attack_ref, cases, fingerprints[attack_ref.key])
+            cells_bar.update(1)
 
     def _run_cell(
-        self,
-        ledger: Ledger,
-        *,
-        model_key: str,
-        defense_key: str,
-        attack_ref: PluginRef,
-        concept: ConceptConfig,
-        cases: list[Case],
-        base: DiffusionModel,
-        defended: DiffusionModel,
-        evaluator: Evaluator,
-        defense_settings: list[dict[str, Any]],
+        self, ledger, worker: CellWorker, attack_ref: PluginRef, cases, fingerprint
     ) -> None:
-        sampler = self._sampler_settings(defended)
-        key = cell_key(model_key, defense_key, attack_ref.key, concept.name)
-        settings = {
-            "sampler": sampler,
-            "seeds": self.config.seeds.model_dump(),
-            "evaluator": evaluator.describe(),
-            "defense": defense_settings,
-            "attack": {"name": attack_ref.name, **attack_ref.options},
-            "prompt_set": concept.prompt_set.model_dump(),
-            "limit": concept.limit,
-        }
-        names = {
-            "model": model_key,
-            "defense": defense_key,
+        concept = worker.concept
+        key = cell_key(worker.model_key, worker.defense_key, attack_ref.key, concept.name)
+        settings = worker.cell_settings(attack_ref)
+        cell_names = {
+            "model": worker.model_key,
+            "defense": worker.defense_key,
             "attack": attack_ref.key,
             "concept": concept.name,
             "prompt_set": concept.prompt_set.key,
         }
-        ledger.ensure_cell(key, names, stable_hash(settings), settings)
+        ledger.ensure_cell(key, cell_names, fingerprint, settings)
 
-        jobs = self._jobs(model_key, defense_key, attack_ref.key, concept, cases, sampler)
+        names = (worker.model_key, worker.defense_key, attack_ref.key, concept.name)
+        jobs = plan_jobs(self.config, names, cases, worker.sampler)
         existing = ledger.existing_image_keys(key)
         todo = [job for job in jobs if job.key not in existing]
         if not todo:
             return
 
-        prompts = self._adversarial_prompts(
-            ledger,
-            attack_ref,
-            concept,
-            cases,
-            base,
-            defended,
-            model_key,
-            defense_key,
-            evaluator,
-            sampler,
-        )
+        prompts = self._adversarial_prompts(ledger, worker, attack_ref, cases)
         bar = tqdm(
             total=len(jobs),
             initial=len(jobs) - len(todo),
@@ -484,54 +350,90 @@ class Runner:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             texts = [prompts[job.case.case_id] for job in batch]
-            truncated = defended.tokenize(texts).truncated
-            output, seconds = self._timed_generate(
-                defended,
-                texts,
-                [job.seed for job in batch],
-                [job.guidance for job in batch],
-                sampler,
-            )
-            judgements = evaluator.evaluate(output.images, concept.name)
-
-            rows = []
-            for index, job in enumerate(batch):
-                path = None
-                if self.config.runner.save_images:
-                    relative = Path(
-                        "images",
-                        _safe_name(model_key),
-                        _safe_name(defense_key),
-                        _safe_name(attack_ref.key),
-                        _safe_name(concept.name),
-                        f"{_safe_name(job.case.case_id)}_{job.seed_index}.png",
-                    )
-                    save_png_atomic(output.images[index], self.out_dir / relative)
-                    path = str(relative)
-                rows.append(
-                    ImageRow(
-                        image_key=job.key,
-                        cell_key=key,
-                        model=model_key,
-                        defense=defense_key,
-                        attack=attack_ref.key,
-                        concept=concept.name,
-                        case_id=job.case.case_id,
-                        seed_index=job.seed_index,
-                        seed=job.seed,
-                        guidance=job.guidance,
-                        prompt=texts[index],
-                        truncated=truncated[index],
-                        image_path=path,
-                        score=float(judgements[index].score),
-                        present=bool(judgements[index].present),
-                        details=judgements[index].details,
-                        hook_records=output.records[index],
-                        batch_size=len(batch),
-                        batch_seconds=seconds,
-                    )
-                )
-            ledger.add_images(rows)
+            results = worker.generate(batch, texts)
+            self._write_images(ledger, key, names, results)
             bar.update(len(batch))
         bar.close()
         log.info("cell %s: %d images generated", key, len(todo))
+
+    def _adversarial_prompts(self, ledger, worker: CellWorker, attack_ref, cases) -> dict[str, str]:
+        """The text to generate from, per case: cached in the ledger, else attacked now."""
+        if attack_ref.key == "none":
+            return {case.case_id: case.prompt for case in cases}
+
+        attack_hash = worker.attack_hash(attack_ref)
+        concept = worker.concept.name
+        prefix = f"{attack_ref.key}|{attack_hash}|{worker.model_key}|{worker.defense_key}|{concept}"
+        prompts: dict[str, str] = {}
+        todo: list[Case] = []
+        for case in cases:
+            cached = ledger.adversarial_prompt(f"{prefix}|{case.case_id}")
+            if cached is None:
+                todo.append(case)
+            else:
+                prompts[case.case_id] = cached["prompt"]
+
+        bar = tqdm(
+            total=len(cases),
+            initial=len(cases) - len(todo),
+            desc=f"attack {attack_ref.key}",
+            unit="case",
+            leave=False,
+            disable=not self.progress,
+        )
+        batch_size = self.config.runner.attack_batch_size
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            for record in worker.run_attack(attack_ref, batch):
+                record.update(
+                    prompt_key=f"{prefix}|{record['case_id']}",
+                    attack=attack_ref.key,
+                    attack_hash=attack_hash,
+                    defended_model=f"{worker.model_key}|{worker.defense_key}",
+                    concept=concept,
+                )
+                ledger.add_adversarial_prompt(record)
+                prompts[record["case_id"]] = record["prompt"]
+            bar.update(len(batch))
+        bar.close()
+        return prompts
+
+    def _write_images(self, ledger: Ledger, key: str, names, results: list[GeneratedImage]) -> None:
+        """Write a batch's PNGs, then its rows in one transaction."""
+        model_key, defense_key, attack_key, concept = names
+        rows = []
+        for result in results:
+            job = result.job
+            path = None
+            if self.config.runner.save_images:
+                relative = Path(
+                    "images",
+                    *(_safe_name(name) for name in names),
+                    f"{_safe_name(job.case.case_id)}_{job.seed_index}.png",
+                )
+                write_bytes_atomic(result.png, self.out_dir / relative)
+                path = str(relative)
+            rows.append(
+                ImageRow(
+                    image_key=job.key,
+                    cell_key=key,
+                    model=model_key,
+                    defense=defense_key,
+                    attack=attack_key,
+                    concept=concept,
+                    case_id=job.case.case_id,
+                    seed_index=job.seed_index,
+                    seed=job.seed,
+                    guidance=job.guidance,
+                    prompt=result.prompt,
+                    truncated=result.truncated,
+                    image_path=path,
+                    score=result.score,
+                    present=result.present,
+                    details=result.details,
+                    hook_records=result.hook_records,
+                    batch_size=result.batch_size,
+                    batch_seconds=result.batch_seconds,
+                )
+            )
+        ledger.add_images(rows)

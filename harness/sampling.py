@@ -58,7 +58,9 @@ class StepState:
     """What hooks see and may change during one generation of a batch.
 
     `cond` and `uncond` are the embeddings used from the next denoiser call on;
-    `noise_cond`, `noise_uncond` and `noise_pred` are set after the denoiser call.
+    `noise_cond`, `noise_uncond` and `noise_pred` are set after the denoiser call;
+    `model_input` is the latent as the denoiser saw it (after the scheduler's input
+    scaling), so a hook that makes an extra denoiser call (SLD) feeds it the same input.
     `records` holds one dict per image; hooks write what the ledger should keep there
     (for example the step at which a defense fired). `differentiable` is true in the
     single-step path that adaptive attacks differentiate through: hooks must then use
@@ -79,6 +81,7 @@ class StepState:
     noise_cond: torch.Tensor | None = None
     noise_uncond: torch.Tensor | None = None
     noise_pred: torch.Tensor | None = None
+    model_input: torch.Tensor | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -179,6 +182,7 @@ def sample_latents(
         # 3. One denoiser call for both halves of classifier-free guidance.
         model_input = torch.cat([state.latents, state.latents])
         model_input = noise_scheduler.scale_model_input(model_input, timestep)
+        state.model_input = model_input[:batch]
         embeddings = torch.cat([state.uncond, state.cond])
         noise = model.predict_noise(model_input, timestep, embeddings)
         state.noise_uncond, state.noise_cond = noise.chunk(2)

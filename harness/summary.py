@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from harness.fidelity import FIELDS, fidelity_metrics
 from harness.ledger import Ledger
 from harness.metrics import cell_metrics
 
@@ -52,6 +53,7 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
                 rule=rule,
                 resamples=resamples,
             )
+            record.update(_fidelity(Path(out_dir), config, cell, post_rows, by_cell))
             records.append(record)
         return {
             "run": {
@@ -67,6 +69,14 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
         }
     finally:
         ledger.close()
+
+
+def _fidelity(out_dir: Path, config: dict, cell: dict, rows: list, by_cell: dict) -> dict:
+    """Quality fields of an unattacked defended cell against the undefended images."""
+    reference_key = "|".join([cell["model"], "none", "none", cell["concept"]])
+    if cell["attack"] != "none" or cell["defense"] == "none" or reference_key not in by_cell:
+        return {**{field: None for field in FIELDS}, "quality_models": {}}
+    return fidelity_metrics(out_dir, config.get("quality", {}), rows, by_cell[reference_key])
 
 
 def write_summary(out_dir: str | Path) -> dict[str, Any]:

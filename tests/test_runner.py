@@ -133,7 +133,7 @@ def test_changed_settings_rejected(smoke_run, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_resume_after_kill_matches_uninterrupted(smoke_run, tmp_path):
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [
@@ -172,7 +172,7 @@ def test_resume_after_kill_matches_uninterrupted(smoke_run, tmp_path):
     assert 0 < partial < 24
 
     resumed = _run_smoke(out, "--set", "runner.batch_size=2")
-    reference = json.loads((smoke_run / "summary.json").read_text())
+    reference = _run_smoke(tmp_path / "uninterrupted", "--set", "runner.batch_size=2")
     assert _stable(resumed) == _stable(reference)
     keys = [row[0] for row in _image_rows(out)]
     assert len(keys) == len(set(keys)) == 24
@@ -206,3 +206,27 @@ def test_dry_run_prints_plan(capsys, tmp_path):
     assert "2 cells, 24 images" in output
     assert "concept nudity: 6 cases" in output
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_reports_missing_evaluator_files(tmp_path, capsys):
+    status = main(
+        [
+            "run",
+            str(SMOKE),
+            "--dry-run",
+            "--set",
+            f"concepts.0.evaluator={{name: style, options: {{path: {tmp_path / 'vit'}}}}}",
+        ]
+    )
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "missing" in error and "config.json" in error
+
+
+def test_dry_run_estimates_gpu_time_for_sd(tmp_path, capsys):
+    overrides = ["--set", "models.0={name: diffusers, options: {path: /absent/sd14}}"]
+    assert main(["run", str(SMOKE), "--dry-run", *overrides]) == 0
+    output = capsys.readouterr().out
+    hours = float(output.split("estimated GPU time: ")[1].split(" h")[0])
+    # 2 cells x 12 images x 10 steps x 0.05 s per pass at 512x512, plus no attack cost.
+    assert hours == pytest.approx(2 * 12 * 10 * 0.05 / 3600, rel=1e-2)

@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.ledger import Ledger
-
 _COLUMNS = [
     ("model", "model"),
     ("defense", "defense"),
@@ -28,6 +26,7 @@ _COLUMNS = [
     ("latency_ms_per_image", "latency ms (median)"),
     ("throughput_images_per_s", "images/s"),
     ("defense_overhead", "overhead"),
+    ("ssim_to_undefended", "SSIM to undefended"),
     ("attack_seconds_per_case", "attack s/case"),
     ("attack_model_calls_per_case", "attack calls/case"),
 ]
@@ -92,13 +91,8 @@ def _cells_table(cells: list[dict[str, Any]]) -> str:
     return _sortable_table(head, body)
 
 
-def _prompts_table(out_dir: Path, limit: int = 200) -> str:
+def _prompts_table(rows: list[dict[str, Any]], limit: int = 300) -> str:
     """The prompts each cell generated from, original and adversarial, escaped."""
-    ledger = Ledger(out_dir)
-    try:
-        rows = ledger.images()
-    finally:
-        ledger.close()
     seen = set()
     lines = []
     for row in rows:
@@ -143,16 +137,19 @@ def _embedded_plot(path: Path) -> str:
     return f'<img class="plot" alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def write_html(summary: dict[str, Any], out_dir: Path, path: Path, plots: list[Path]) -> Path:
+def write_html(
+    summary: dict[str, Any], path: Path, plots: list[Path], images: list[dict[str, Any]]
+) -> Path:
     run = summary["run"]
     environment = run["environment"]
-    judges = {json.dumps(cell["evaluator"], sort_keys=True) for cell in summary["cells"]}
+    cells = summary["cells"]
+    judges = {json.dumps(cell["evaluator"], sort_keys=True) for cell in cells}
     models = sorted({cell["model"] for cell in summary["cells"]})
     meta = [
         ("run", run["name"]),
         ("models", ", ".join(models)),
         ("evaluator presets", "; ".join(sorted(judges))),
-        ("sampler", json.dumps(run["sampler"], sort_keys=True)),
+        ("sampler", "; ".join(sorted({json.dumps(c["sampler"], sort_keys=True) for c in cells}))),
         ("seeds", json.dumps(run["seeds"], sort_keys=True)),
         ("case verdict", f"{run['aggregation']} of the images per case"),
         ("device", f"{environment['device']} ({environment['device_name']})"),
@@ -179,7 +176,7 @@ undefended time, measured interleaved.</p>
 <h2>Plots</h2>
 {"".join(_embedded_plot(p) for p in plots)}
 <h2>Prompts</h2>
-{_prompts_table(out_dir)}
+{_prompts_table(images)}
 <script>{_SCRIPT}</script>
 </body></html>
 """

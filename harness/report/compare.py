@@ -1,0 +1,58 @@
+"""`arena compare DIR...`: several runs overlaid in one set of tables and plots.
+
+Each run's cells keep their numbers and gain a `run` field (the run directory's name), so
+a new defense measured today sits beside the committed baseline run in the same heatmap,
+bars and Pareto view. Nothing is recomputed: the inputs are the runs' `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.report.html import write_html
+from harness.report.markdown import write_markdown
+from harness.report.plots import write_plots
+
+
+def load_summary(directory: Path) -> dict[str, Any]:
+    path = directory / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no summary.json in {directory}; run `arena report {directory}`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def compare_runs(directories: list[Path], out_dir: Path) -> dict[str, Any]:
+    """Write the overlaid summary, `summary.md` and report into `out_dir`."""
+    names = [directory.resolve().name for directory in directories]
+    if len(set(names)) != len(names):
+        names = [str(directory) for directory in directories]
+
+    cells, runs = [], []
+    for name, directory in zip(names, directories, strict=True):
+        summary = load_summary(directory)
+        runs.append({"run": name, "directory": str(directory), **summary["run"]})
+        cells.extend({**cell, "run": name} for cell in summary["cells"])
+
+    first = runs[0]
+    combined = {
+        "run": {
+            "name": "comparison of " + ", ".join(names),
+            "environment": first["environment"],
+            "sampler": first["sampler"],
+            "seeds": first["seeds"],
+            "aggregation": first["aggregation"],
+            "executor": first.get("executor"),
+            "compared_runs": runs,
+        },
+        "cells": cells,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(combined, indent=2), encoding="utf-8")
+    write_markdown(combined, out_dir / "summary.md")
+    report_dir = out_dir / "report"
+    report_dir.mkdir(exist_ok=True)
+    plots = write_plots(combined, report_dir)
+    write_html(combined, report_dir / "report.html", plots, images=[])
+    return combined
