@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at REAL NOT NULL,
     config_json TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
-    environment_json TEXT NOT NULL
+    environment_json TEXT NOT NULL,
+    finished_json TEXT
 );
 CREATE TABLE IF NOT EXISTS cells (
     cell_key TEXT PRIMARY KEY,
@@ -142,12 +143,22 @@ class Ledger:
 
     # -- runs and cells ----------------------------------------------------------------
 
-    def record_run(self, config: dict[str, Any], fingerprint: str, environment: dict) -> None:
+    def record_run(self, config: dict[str, Any], fingerprint: str, environment: dict) -> int:
+        """Add a run (one invocation of `arena run`) and return its id."""
         with self.transaction() as db:
-            db.execute(
+            cursor = db.execute(
                 "INSERT INTO runs (started_at, config_json, fingerprint, environment_json)"
                 " VALUES (?, ?, ?, ?)",
                 (time.time(), json.dumps(config), fingerprint, json.dumps(environment)),
+            )
+        return int(cursor.lastrowid)
+
+    def finish_run(self, run_id: int, resources: dict[str, Any]) -> None:
+        """Record what a run used once it completes (wall time, peak memory)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET finished_json = ? WHERE run_id = ?",
+                (json.dumps(resources), run_id),
             )
 
     def runs(self) -> list[dict[str, Any]]:
@@ -159,6 +170,7 @@ class Ledger:
                 "config": json.loads(row["config_json"]),
                 "fingerprint": row["fingerprint"],
                 "environment": json.loads(row["environment_json"]),
+                "finished": json.loads(row["finished_json"]) if row["finished_json"] else None,
             }
             for row in rows
         ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import platform
 import re
+import resource
+import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -100,6 +102,16 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def resources_used(started: float, device: torch.device) -> dict[str, Any]:
+    """Wall time since `started` and peak memory of this process (and of the GPU)."""
+    # ru_maxrss is in kilobytes on Linux.
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    used = {"wall_seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb}
+    if device.type == "cuda":
+        used["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return used
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80] or "_"
 
@@ -107,10 +119,19 @@ def _safe_name(text: str) -> str:
 class Runner:
     """Runs one config into one output directory."""
 
-    def __init__(self, config: RunConfig, out_dir: str | Path, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        out_dir: str | Path,
+        progress: bool = True,
+        loaded_models: dict[str, DiffusionModel] | None = None,
+    ) -> None:
+        """`loaded_models` maps model keys to models already in memory (notebooks,
+        benchmarks); the runner loads every other model itself."""
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress
+        self.loaded_models = dict(loaded_models or {})
         self.device = resolve_device(config.runner.device)
         self.dtype = resolve_dtype(config.runner.dtype, self.device)
         self.fingerprint = config.fingerprint()
@@ -195,13 +216,15 @@ class Runner:
     def run(self) -> Path:
         check_pairings(self.config)
         ledger = Ledger(self.out_dir)
+        started = time.perf_counter()
         try:
             env = environment(self.device)
-            ledger.record_run(self.config.model_dump(mode="json"), self.fingerprint, env)
+            run_id = ledger.record_run(self.config.model_dump(mode="json"), self.fingerprint, env)
             log.info(
                 "run %r into %s on %s (%s)", self.config.name, self.out_dir, self.device, self.dtype
             )
             self._run_grid(ledger)
+            ledger.finish_run(run_id, resources_used(started, self.device))
         finally:
             ledger.close()
 
@@ -233,7 +256,9 @@ class Runner:
                     # Models and judges load only when a group still has work, so a
                     # finished run resumes without loading anything.
                     if base is None:
-                        base = load_model(self.config, model_ref, self.device, self.dtype)
+                        base = self.loaded_models.get(model_ref.key) or load_model(
+                            self.config, model_ref, self.device, self.dtype
+                        )
                     if evaluator is None:
                         evaluator = make_evaluator(concept)
                     worker = CellWorker(

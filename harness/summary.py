@@ -64,11 +64,25 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
                 "seeds": config["seeds"],
                 "aggregation": rule,
                 "executor": config["runner"]["executor"],
+                "resources": _resources(runs),
             },
             "cells": records,
         }
     finally:
         ledger.close()
+
+
+def _resources(runs: list[dict]) -> dict[str, float | None]:
+    """Peak memory over the runs in the ledger and their total wall time."""
+    finished = [run["finished"] for run in runs if run.get("finished")]
+    if not finished:
+        return {"peak_rss_mb": None, "wall_seconds": None}
+    return {
+        "peak_rss_mb": max(item["peak_rss_mb"] for item in finished),
+        "wall_seconds": sum(item["wall_seconds"] for item in finished),
+        "peak_gpu_memory_mb": max((item.get("peak_gpu_memory_mb") or 0) for item in finished)
+        or None,
+    }
 
 
 def _fidelity(out_dir: Path, config: dict, cell: dict, rows: list, by_cell: dict) -> dict:

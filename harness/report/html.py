@@ -155,6 +155,7 @@ def write_html(
         ("device", f"{environment['device']} ({environment['device_name']})"),
         ("packages", json.dumps(environment["packages"], sort_keys=True)),
         ("python", environment["python"]),
+        ("resources", json.dumps(run.get("resources"), sort_keys=True)),
     ]
     meta_rows = "".join(
         f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>"
