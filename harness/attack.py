@@ -76,8 +76,11 @@ class Attack:
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, **self.options}
 
-    def estimated_denoiser_passes(self) -> int:
-        """Denoiser forward passes per case under the current options, for planning."""
+    def estimated_denoiser_passes(self, steps: int) -> int:
+        """Denoiser forward passes per case under the current options, for planning.
+
+        `steps` is the run's sampling steps, for attacks that generate images.
+        """
         return 0
 
     def run(self, case: Case, context: AttackContext) -> AttackResult:

@@ -15,6 +15,7 @@ import re
 import resource
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from harness.config import ConceptConfig, PluginRef, RunConfig, stable_hash
+from harness.config import ConceptConfig, DefenseRef, PluginRef, RunConfig, stable_hash
 from harness.ledger import ImageRow, Ledger, image_key, write_bytes_atomic
 from harness.model import ALL_CAPABILITIES, DiffusionModel
 from harness.prompts.base import Case
 from harness.registry import create, registry
-from harness.worker import CellWorker, GeneratedImage, load_model, make_evaluator, plan_jobs
+from harness.worker import (
+    CellWorker,
+    GeneratedImage,
+    ImageJob,
+    load_model,
+    make_evaluator,
+    plan_jobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def cell_key(model: str, defense: str, attack: str, concept: str) -> str:
     return "|".join([model, defense, attack, concept])
+
+
+@dataclass(frozen=True)
+class Group:
+    """One (model, concept, defense) with its cases: the work one loaded worker serves.
+
+    Both executors plan the grid as groups; a group's cells are its attacks.
+    """
+
+    model_ref: PluginRef
+    concept: ConceptConfig
+    defense_ref: DefenseRef
+    cases: tuple[Case, ...]
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        """(model, defense, concept), the prefix of the group's timing and prompt keys."""
+        return (self.model_ref.key, self.defense_ref.key, self.concept.name)
+
+    def cell_names(self, attack_key: str) -> tuple[str, str, str, str]:
+        """(model, defense, attack, concept) of one cell, as its cell and image keys use."""
+        return (self.model_ref.key, self.defense_ref.key, attack_key, self.concept.name)
+
+
+def batched(items: Sequence, size: int) -> list[list]:
+    """`items` cut into consecutive lists of `size` (the last may be shorter)."""
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
 
 
 def attacks_with_baseline(attacks: Sequence[PluginRef]) -> list[PluginRef]:
@@ -125,13 +160,16 @@ class Runner:
         out_dir: str | Path,
         progress: bool = True,
         loaded_models: dict[str, DiffusionModel] | None = None,
+        executor: Any | None = None,
     ) -> None:
         """`loaded_models` maps model keys to models already in memory (notebooks,
-        benchmarks); the runner loads every other model itself."""
+        benchmarks); the runner loads every other model itself. `executor` replaces the
+        one `runner.executor` names (tests pass a `RayExecutor` with a fault injected)."""
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.loaded_models = dict(loaded_models or {})
+        self.executor = executor
         self.device = resolve_device(config.runner.device)
         self.dtype = resolve_dtype(config.runner.dtype, self.device)
         self.fingerprint = config.fingerprint()
@@ -190,9 +228,10 @@ class Runner:
     def _estimate_gpu_hours(self, per_concept: dict[str, int], attacks: list[PluginRef]) -> float:
         """Rough GPU time: denoiser passes times each model's estimated seconds per pass.
 
-        Generation costs `steps` guided passes per image; an attack costs what its plugin
-        estimates per case (`estimated_denoiser_passes`), with a backward pass counted as
-        two forward passes. An estimate for planning, not a measurement.
+        Generation costs `steps` guided passes per image. An attack costs what its plugin
+        estimates per case (`estimated_denoiser_passes`, single-sample passes, so half a
+        guided pass each), with a backward pass counted as two forward passes. An
+        estimate for planning, not a measurement.
         """
         seconds = 0.0
         for model_ref in self.config.models:
@@ -207,77 +246,125 @@ class Runner:
                     seconds += len(attacks) * images * steps * pass_seconds
                     for attack_ref in attacks:
                         attack_cls = registry("attacks").get(attack_ref.name)
-                        passes = attack_cls(**attack_ref.options).estimated_denoiser_passes()
-                        seconds += cases * passes * 3 * pass_seconds
+                        passes = attack_cls(**attack_ref.options).estimated_denoiser_passes(steps)
+                        seconds += cases * passes * 3 * pass_seconds / 2
         return seconds / 3600.0
 
     # -- the run -------------------------------------------------------------------------
 
     def run(self) -> Path:
         check_pairings(self.config)
-        ledger = Ledger(self.out_dir)
-        started = time.perf_counter()
+        executor = self.executor
+        if executor is None and self.config.runner.executor == "ray":
+            # Imported here: the harness runs without Ray installed.
+            from harness.ray_executor import RayExecutor
+
+            executor = RayExecutor(self.config.runner.ray)
+        env = environment(self.device)
         try:
-            env = environment(self.device)
-            run_id = ledger.record_run(self.config.model_dump(mode="json"), self.fingerprint, env)
-            log.info(
-                "run %r into %s on %s (%s)", self.config.name, self.out_dir, self.device, self.dtype
-            )
-            self._run_grid(ledger)
-            ledger.finish_run(run_id, resources_used(started, self.device))
+            # Ray starts (or is found missing) before anything is written.
+            if executor is None:
+                device = {key: env[key] for key in ("device", "device_name")}
+                env["executor"] = {
+                    "name": "local",
+                    "devices": [{"node": platform.node(), **device}],
+                }
+            else:
+                env["executor"] = executor.connect()
+            ledger = Ledger(self.out_dir)
+            started = time.perf_counter()
+            try:
+                run_id = ledger.record_run(
+                    self.config.model_dump(mode="json"), self.fingerprint, env
+                )
+                log.info(
+                    "run %r into %s on %s (%s)",
+                    self.config.name,
+                    self.out_dir,
+                    self.device,
+                    self.dtype,
+                )
+                if executor is None:
+                    self._run_grid(ledger)
+                else:
+                    executor.run_grid(self, ledger)
+                    # The actors' devices are known only now that they have run.
+                    env["executor"] = executor.describe()
+                    ledger.update_environment(run_id, env)
+                # NOTE: under Ray these resources are the driver's; actors report devices only.
+                ledger.finish_run(run_id, resources_used(started, self.device))
+            finally:
+                ledger.close()
         finally:
-            ledger.close()
+            if executor is not None:
+                executor.close()
 
         from harness.report import write_outputs
 
         write_outputs(self.out_dir)
         return self.out_dir
 
-    def _run_grid(self, ledger: Ledger) -> None:
+    def cell_count(self) -> int:
+        """Cells in the grid, the `none` baseline included."""
         attacks = attacks_with_baseline(self.config.attacks)
-        total = (
-            len(self.config.models)
-            * len(self.config.concepts)
-            * len(self.config.defenses)
-            * len(attacks)
-        )
-        cells_bar = tqdm(total=total, desc="cells", unit="cell", disable=not self.progress)
+        config = self.config
+        return len(config.models) * len(config.concepts) * len(config.defenses) * len(attacks)
+
+    def plan_groups(self, ledger: Ledger) -> list[tuple[Group, bool]]:
+        """Every group in grid order, with whether the ledger already holds all its work.
+
+        Every cell is checked against the ledger first, so a changed config is rejected
+        before any model loads.
+        """
+        attacks = attacks_with_baseline(self.config.attacks)
+        cases = {concept.name: tuple(self.load_cases(concept)) for concept in self.config.concepts}
+        groups = []
         for model_ref in self.config.models:
-            base: DiffusionModel | None = None
             for concept in self.config.concepts:
-                cases = self.load_cases(concept)
-                evaluator = None
                 for defense_ref in self.config.defenses:
-                    names = (model_ref.key, defense_ref.key, concept.name)
+                    group = Group(model_ref, concept, defense_ref, cases[concept.name])
                     self._check_cells(ledger, model_ref, defense_ref, concept, attacks)
-                    if self._group_done(ledger, names, cases, attacks):
-                        cells_bar.update(len(attacks))
-                        continue
-                    # Models and judges load only when a group still has work, so a
-                    # finished run resumes without loading anything.
-                    if base is None:
-                        base = self.loaded_models.get(model_ref.key) or load_model(
-                            self.config, model_ref, self.device, self.dtype
-                        )
-                    if evaluator is None:
-                        evaluator = make_evaluator(concept)
-                    worker = CellWorker(
-                        self.config,
-                        model_ref,
-                        concept,
-                        defense_ref,
-                        self.device,
-                        self.dtype,
-                        base=base,
-                        evaluator=evaluator,
-                    )
-                    fingerprints = {
-                        attack_ref.key: self.cell_fingerprint(
-                            model_ref, defense_ref, attack_ref, concept
-                        )
-                        for attack_ref in attacks
-                    }
-                    self._run_group(ledger, worker, cases, attacks, fingerprints, cells_bar)
+                    done = self._group_done(ledger, group.names, group.cases, attacks)
+                    groups.append((group, done))
+        return groups
+
+    def _run_grid(self, ledger: Ledger) -> None:
+        """The local executor: every group in turn, in this process, on `self.device`."""
+        attacks = attacks_with_baseline(self.config.attacks)
+        cells_bar = tqdm(
+            total=self.cell_count(), desc="cells", unit="cell", disable=not self.progress
+        )
+        base: DiffusionModel | None = None
+        base_key = None
+        evaluators: dict[str, Any] = {}
+        for group, done in self.plan_groups(ledger):
+            if done:
+                cells_bar.update(len(attacks))
+                continue
+
+            # Models and judges load only when a group still has work, so a finished run
+            # resumes without loading anything. One base model is held at a time.
+            model_ref, concept = group.model_ref, group.concept
+            if base_key != model_ref.key:
+                base = None
+                base = self.loaded_models.get(model_ref.key) or load_model(
+                    self.config, model_ref, self.device, self.dtype
+                )
+                base_key = model_ref.key
+                evaluators = {}
+            if concept.name not in evaluators:
+                evaluators[concept.name] = make_evaluator(concept)
+            worker = CellWorker(
+                self.config,
+                model_ref,
+                concept,
+                group.defense_ref,
+                self.device,
+                self.dtype,
+                base=base,
+                evaluator=evaluators[concept.name],
+            )
+            self._run_group(ledger, worker, group, attacks, cells_bar)
         cells_bar.close()
 
     def _probe_keys(self, names: tuple[str, str, str], cases: list[Case]) -> list[str]:
@@ -324,45 +411,25 @@ class Runner:
                         return False
         return True
 
-    def _run_group(
-        self, ledger, worker: CellWorker, cases, attacks, fingerprints, cells_bar
-    ) -> None:
-        names = (worker.model_key, worker.defense_key, worker.concept.name)
-        probe_keys = self._probe_keys(names, cases)
-        if probe_keys and not set(probe_keys) <= ledger.timing_keys():
-            count = min(self.config.runner.latency_probe_images, len(cases))
-            ledger.add_timings(worker.probe_latency(cases, count))
+    def _run_group(self, ledger, worker: CellWorker, group: Group, attacks, cells_bar) -> None:
+        count = self.probe_count(ledger, group)
+        if count:
+            ledger.add_timings(worker.probe_latency(group.cases, count))
 
         for attack_ref in attacks:
             cells_bar.set_postfix_str(
                 f"{worker.defense_key} / {attack_ref.key} / {worker.concept.name}"
             )
-            self._run_cell(ledger, worker, attack_ref, cases, fingerprints[attack_ref.key])
+            self._run_cell(ledger, worker, group, attack_ref)
             cells_bar.update(1)
 
-    def _run_cell(
-        self, ledger, worker: CellWorker, attack_ref: PluginRef, cases, fingerprint
-    ) -> None:
-        concept = worker.concept
-        key = cell_key(worker.model_key, worker.defense_key, attack_ref.key, concept.name)
+    def _run_cell(self, ledger, worker: CellWorker, group: Group, attack_ref: PluginRef) -> None:
         settings = worker.cell_settings(attack_ref)
-        cell_names = {
-            "model": worker.model_key,
-            "defense": worker.defense_key,
-            "attack": attack_ref.key,
-            "concept": concept.name,
-            "prompt_set": concept.prompt_set.key,
-        }
-        ledger.ensure_cell(key, cell_names, fingerprint, settings)
-
-        names = (worker.model_key, worker.defense_key, attack_ref.key, concept.name)
-        jobs = plan_jobs(self.config, names, cases, worker.sampler)
-        existing = ledger.existing_image_keys(key)
-        todo = [job for job in jobs if job.key not in existing]
+        key, jobs, todo = self.open_cell(ledger, group, attack_ref, worker.sampler, settings)
         if not todo:
             return
 
-        prompts = self._adversarial_prompts(ledger, worker, attack_ref, cases)
+        prompts = self._adversarial_prompts(ledger, worker, group, attack_ref)
         bar = tqdm(
             total=len(jobs),
             initial=len(jobs) - len(todo),
@@ -371,59 +438,117 @@ class Runner:
             leave=False,
             disable=not self.progress,
         )
-        batch_size = self.config.runner.batch_size
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+        names = group.cell_names(attack_ref.key)
+        for batch in batched(todo, self.config.runner.batch_size):
             texts = [prompts[job.case.case_id] for job in batch]
             results = worker.generate(batch, texts)
-            self._write_images(ledger, key, names, results)
+            self.write_images(ledger, key, names, results)
             bar.update(len(batch))
         bar.close()
         log.info("cell %s: %d images generated", key, len(todo))
 
-    def _adversarial_prompts(self, ledger, worker: CellWorker, attack_ref, cases) -> dict[str, str]:
+    def _adversarial_prompts(self, ledger, worker: CellWorker, group, attack_ref) -> dict[str, str]:
         """The text to generate from, per case: cached in the ledger, else attacked now."""
-        if attack_ref.key == "none":
-            return {case.case_id: case.prompt for case in cases}
-
-        attack_hash = worker.attack_hash(attack_ref)
-        concept = worker.concept.name
-        prefix = f"{attack_ref.key}|{attack_hash}|{worker.model_key}|{worker.defense_key}|{concept}"
-        prompts: dict[str, str] = {}
-        todo: list[Case] = []
-        for case in cases:
-            cached = ledger.adversarial_prompt(f"{prefix}|{case.case_id}")
-            if cached is None:
-                todo.append(case)
-            else:
-                prompts[case.case_id] = cached["prompt"]
+        attack_hash = None if attack_ref.key == "none" else worker.attack_hash(attack_ref)
+        prompts, todo = self.cached_prompts(ledger, group, attack_ref, attack_hash)
+        if not todo:
+            return prompts
 
         bar = tqdm(
-            total=len(cases),
-            initial=len(cases) - len(todo),
+            total=len(group.cases),
+            initial=len(group.cases) - len(todo),
             desc=f"attack {attack_ref.key}",
             unit="case",
             leave=False,
             disable=not self.progress,
         )
-        batch_size = self.config.runner.attack_batch_size
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            for record in worker.run_attack(attack_ref, batch):
-                record.update(
-                    prompt_key=f"{prefix}|{record['case_id']}",
-                    attack=attack_ref.key,
-                    attack_hash=attack_hash,
-                    defended_model=f"{worker.model_key}|{worker.defense_key}",
-                    concept=concept,
-                )
-                ledger.add_adversarial_prompt(record)
-                prompts[record["case_id"]] = record["prompt"]
+        for batch in batched(todo, self.config.runner.attack_batch_size):
+            records = worker.run_attack(attack_ref, batch)
+            prompts.update(self.write_prompts(ledger, group, attack_ref, attack_hash, records))
             bar.update(len(batch))
         bar.close()
         return prompts
 
-    def _write_images(self, ledger: Ledger, key: str, names, results: list[GeneratedImage]) -> None:
+    # -- shared by the executors: what is left to do, and the ledger writes --------------
+
+    def probe_count(self, ledger: Ledger, group: Group) -> int:
+        """Single-image pairs the group's latency probe still needs: all of them or 0."""
+        probe_keys = self._probe_keys(group.names, group.cases)
+        if not probe_keys or set(probe_keys) <= ledger.timing_keys():
+            return 0
+        return min(self.config.runner.latency_probe_images, len(group.cases))
+
+    def open_cell(
+        self, ledger: Ledger, group: Group, attack_ref: PluginRef, sampler, settings
+    ) -> tuple[str, list[ImageJob], list[ImageJob]]:
+        """Record a cell; return its key, all its image jobs and the jobs still to do.
+
+        `sampler` and `settings` come from a worker that loaded the group, because the
+        model's defaults fill in the sampler settings the config leaves open.
+        """
+        concept = group.concept
+        names = group.cell_names(attack_ref.key)
+        key = cell_key(*names)
+        cell_names = {
+            "model": group.model_ref.key,
+            "defense": group.defense_ref.key,
+            "attack": attack_ref.key,
+            "concept": concept.name,
+            "prompt_set": concept.prompt_set.key,
+        }
+        fingerprint = self.cell_fingerprint(group.model_ref, group.defense_ref, attack_ref, concept)
+        ledger.ensure_cell(key, cell_names, fingerprint, settings)
+
+        jobs = plan_jobs(self.config, names, group.cases, sampler)
+        existing = ledger.existing_image_keys(key)
+        return key, jobs, [job for job in jobs if job.key not in existing]
+
+    def cached_prompts(
+        self, ledger: Ledger, group: Group, attack_ref: PluginRef, attack_hash: str | None
+    ) -> tuple[dict[str, str], list[Case]]:
+        """The text per case that the ledger already holds, and the cases still to attack.
+
+        The `none` attack needs nothing: its text is each case's prompt.
+        """
+        if attack_ref.key == "none":
+            return {case.case_id: case.prompt for case in group.cases}, []
+
+        prefix = self._prompt_prefix(group, attack_ref, attack_hash)
+        prompts: dict[str, str] = {}
+        todo: list[Case] = []
+        for case in group.cases:
+            cached = ledger.adversarial_prompt(f"{prefix}|{case.case_id}")
+            if cached is None:
+                todo.append(case)
+            else:
+                prompts[case.case_id] = cached["prompt"]
+        return prompts, todo
+
+    def write_prompts(
+        self, ledger: Ledger, group: Group, attack_ref: PluginRef, attack_hash: str, records
+    ) -> dict[str, str]:
+        """Cache a batch of attack records (from `CellWorker.run_attack`); return their text."""
+        prefix = self._prompt_prefix(group, attack_ref, attack_hash)
+        model_key, defense_key, concept = group.names
+        prompts = {}
+        for record in records:
+            record.update(
+                prompt_key=f"{prefix}|{record['case_id']}",
+                attack=attack_ref.key,
+                attack_hash=attack_hash,
+                defended_model=f"{model_key}|{defense_key}",
+                concept=concept,
+            )
+            ledger.add_adversarial_prompt(record)
+            prompts[record["case_id"]] = record["prompt"]
+        return prompts
+
+    @staticmethod
+    def _prompt_prefix(group: Group, attack_ref: PluginRef, attack_hash: str | None) -> str:
+        model_key, defense_key, concept = group.names
+        return f"{attack_ref.key}|{attack_hash}|{model_key}|{defense_key}|{concept}"
+
+    def write_images(self, ledger: Ledger, key: str, names, results: list[GeneratedImage]) -> None:
         """Write a batch's PNGs, then its rows in one transaction."""
         model_key, defense_key, attack_key, concept = names
         rows = []
