@@ -125,8 +125,10 @@ class DiffusionModel:
         return [self.text_encoder, self.unet, *codec_modules]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
+        # Every module gets `dtype`: comparing with `self.dtype` inside the loop would stop
+        # casting once the UNet (which `self.dtype` reads) is converted, leaving the VAE behind.
         for module in self.modules():
-            if dtype is None or dtype == self.dtype:
+            if dtype is None:
                 module.to(device=device)
             else:
                 module.to(device=device, dtype=dtype)

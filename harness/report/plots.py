@@ -139,6 +139,21 @@ def _worst_case(cells: list[Cell]) -> dict[tuple[str, str], Cell]:
     return worst
 
 
+def _labelled_point(axes, x: float, y: float, label: str, colour_index: int) -> None:
+    axes.scatter(x, y, color=f"C{colour_index}")
+    axes.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
+
+def _finish_worst_case(axes, groups: list[str], xlabel: str) -> None:
+    """Legend of the colour groups and the axes of a worst-case-ASR scatter plot."""
+    for index, group in enumerate(groups):
+        axes.scatter([], [], color=f"C{index}", label=group)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("worst-case ASR over attacks")
+    axes.set_ylim(-0.05, 1.05)
+    axes.legend(fontsize=7)
+
+
 def asr_versus_overhead(cells: list[Cell], stem: Path) -> Path:
     """Worst-case ASR against defense overhead: the lower left is the Pareto front."""
     worst = _worst_case(_forget_cells(cells))
@@ -153,17 +168,8 @@ def asr_versus_overhead(cells: list[Cell], stem: Path) -> Path:
         overhead = overheads.get((defense, concept))
         if overhead is None:
             continue
-        colour = f"C{concepts.index(concept)}"
-        axes.scatter(overhead, cell["asr"], color=colour)
-        axes.annotate(
-            defense, (overhead, cell["asr"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-    for index, concept in enumerate(concepts):
-        axes.scatter([], [], color=f"C{index}", label=concept)
-    axes.set_xlabel("defense overhead (defended / undefended time per image)")
-    axes.set_ylabel("worst-case ASR over attacks")
-    axes.set_ylim(-0.05, 1.05)
-    axes.legend(fontsize=7)
+        _labelled_point(axes, overhead, cell["asr"], defense, concepts.index(concept))
+    _finish_worst_case(axes, concepts, "defense overhead (defended / undefended time per image)")
     return _save(figure, stem)
 
 
@@ -219,16 +225,8 @@ def fidelity_versus_asr(cells: list[Cell], stem: Path) -> Path | None:
         ssim = fidelity.get((defense, task))
         if ssim is None:
             continue
-        axes.scatter(ssim, cell["asr"], color=f"C{tasks.index(task)}")
-        axes.annotate(
-            defense, (ssim, cell["asr"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-    for index, task in enumerate(tasks):
-        axes.scatter([], [], color=f"C{index}", label=task)
-    axes.set_xlabel("SSIM to undefended image on benign prompts")
-    axes.set_ylabel("worst-case ASR over attacks")
-    axes.set_ylim(-0.05, 1.05)
-    axes.legend(fontsize=7)
+        _labelled_point(axes, ssim, cell["asr"], defense, tasks.index(task))
+    _finish_worst_case(axes, tasks, "SSIM to undefended image on benign prompts")
     return _save(figure, stem)
 
 
