@@ -43,10 +43,11 @@ Deviations from the authors' code, each deliberate:
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from attacks import tools
 from harness.attack import NEEDS_ORIGINAL_MODEL, Attack, AttackContext, AttackResult
@@ -54,6 +55,10 @@ from harness.model import DENOISER_GRADIENTS, TEXT_ENCODER, DiffusionModel
 from harness.prompts.base import Case
 
 log = logging.getLogger(__name__)
+
+# The target noise (no gradient) of this many iterations is computed in one denoiser pass:
+# the draws are the same as one iteration at a time, and large batches use the device better.
+TARGET_CHUNK = 16
 
 COMMON_DEFAULTS: dict[str, Any] = {
     "iterations": 3000,
@@ -93,123 +98,204 @@ class _P4D(Attack):
         raise NotImplementedError
 
     def run(self, case: Case, context: AttackContext) -> AttackResult:
+        return self.run_batch([case], context)[0]
+
+    def run_batch(self, cases: Sequence[Case], context: AttackContext) -> list[AttackResult]:
+        """Optimise the cases together: one text-encoder and denoiser pass per iteration.
+
+        Case i keeps its own learnable tokens, random generator, loss, best prompt and
+        budget, so its result equals the one `run` returns for it alone up to float
+        rounding: the loss of the batch is the sum of the per-case losses, whose gradients
+        reach only their own case's tokens, and AdamW updates every element independently.
+        Wall time is split evenly between the cases.
+        """
+        cases = list(cases)
+        if not cases:
+            return []
+        began = time.perf_counter()
         settings = self.settings
-        budget = tools.Budget()
-        generator = tools.case_generator(settings["seed"], case)
         original = context.original_model
         if original is None:
             raise RuntimeError(f"attack {self.name!r} needs the undefended model")
         model = tools.loss_model(context, settings["mode"])
+        count = len(cases)
+        budgets = [tools.Budget() for _ in cases]
+        generators = [tools.case_generator(settings["seed"], case) for case in cases]
 
-        # 1. Target: the undefended model's image for the original prompt, and its noise
+        # 1. Targets: the undefended model's image for each original prompt, and its noise
         #    predictions under the original prompt (conditional only, as P4D does).
-        _, z0 = tools.target_latents(context, case, budget)
+        z0 = tools.target_latents_batch(context, cases, budgets)
         with torch.no_grad():
-            target_cond, _ = original.encode_prompts([case.prompt])
-        budget.text_encoder_calls += 1
+            target_cond, _ = original.encode_prompts([case.prompt for case in cases])
+        for budget in budgets:
+            budget.text_encoder_calls += 1
 
-        # 2. The adversarial sequence and its continuous slot embeddings, initialised from
-        #    the rows of random vocabulary tokens.
-        layout = self.layout(model, case)
+        # 2. Each case's adversarial sequence and continuous slot embeddings, initialised
+        #    from the rows of random vocabulary tokens. Cases may differ in slot count (P4D-K).
+        layouts = [self.layout(model, case) for case in cases]
+        sizes = [len(layout.slots) for layout in layouts]
+        mask = torch.stack([layout.attention_mask for layout in layouts])
         allowed = tools.candidate_token_mask(model)
         vocabulary = model.vocabulary_embeddings.detach()
         candidates = torch.nonzero(allowed.cpu()).squeeze(-1)
-        picks = torch.randint(len(candidates), (len(layout.slots),), generator=generator)
-        start = candidates[picks]
-        embeddings = vocabulary[start.to(vocabulary.device)].float().clone().requires_grad_(True)
+        starts = [
+            candidates[torch.randint(len(candidates), (size,), generator=generator)]
+            for size, generator in zip(sizes, generators, strict=True)
+        ]
+        embeddings = [
+            vocabulary[start.to(vocabulary.device)].float().clone().requires_grad_(True)
+            for start in starts
+        ]
         optimizer = torch.optim.AdamW(
-            [embeddings], lr=settings["lr"], weight_decay=settings["weight_decay"]
+            embeddings, lr=settings["lr"], weight_decay=settings["weight_decay"]
         )
 
         # 3. The defended side: guided when the defense acts at guidance time.
         defended_noise = tools.noise_path(
-            context, settings["mode"], settings["guided"], case, budget
+            context, settings["mode"], settings["guided"], cases, budgets
         )
         calls_per_step = defended_noise.calls_per_sample
         num_train = int(original.scheduler_config.get("num_train_timesteps", 1000))
 
-        # 4. Fixed probes (timesteps and noises) on which candidate prompts are compared.
-        probe_t = torch.linspace(0, num_train - 1, settings["probe_timesteps"] + 2)[1:-1]
-        probe_t = probe_t.round().long().to(z0.device)
-        probe_noise = torch.randn(
-            (len(probe_t), *z0.shape[1:]), generator=generator
-        ).to(z0.device, z0.dtype)
-        probe_z0 = z0.expand(len(probe_t), -1, -1, -1)
-        probe_latents = original.add_noise(probe_z0, probe_noise, probe_t)
+        # 4. Fixed probes (timesteps and noises, per case) on which candidate prompts are
+        #    compared; rows are case-major.
+        probes = settings["probe_timesteps"]
+        probe_t = torch.linspace(0, num_train - 1, probes + 2)[1:-1]
+        probe_t = probe_t.round().long().to(z0.device).repeat(count)
+        probe_case = torch.arange(count).repeat_interleave(probes)
+        probe_noise = torch.cat([
+            torch.randn((probes, *z0.shape[1:]), generator=generator)
+            for generator in generators
+        ]).to(z0.device, z0.dtype)
+        probe_latents = original.add_noise(z0[probe_case], probe_noise, probe_t)
         with torch.no_grad():
             probe_target = original.predict_noise(
-                probe_latents, probe_t, target_cond.expand(len(probe_t), -1, -1)
+                probe_latents, probe_t, target_cond[probe_case]
             ).float()
-        budget.denoiser_calls += len(probe_t)
+        for budget in budgets:
+            budget.denoiser_calls += probes
 
-        def probe_loss(slot_ids: torch.Tensor) -> float:
+        def probe_losses(slot_ids: list[torch.Tensor]) -> list[float]:
+            ids = torch.cat([layout.fill(ids) for layout, ids in zip(layouts, slot_ids,
+                                                                      strict=True)])
             with torch.no_grad():
-                ids = layout.fill(slot_ids).expand(len(probe_t), -1)
-                cond = model.encode(ids, layout.batch_mask(len(probe_t)))
-                predicted = defended_noise(probe_latents, probe_t, cond)
-            budget.text_encoder_calls += len(probe_t)
-            budget.denoiser_calls += calls_per_step * len(probe_t)
-            return float(F.mse_loss(predicted.float(), probe_target))
+                cond = model.encode(ids, mask)
+                predicted = defended_noise(probe_latents, probe_t, cond[probe_case], probe_case)
+            for budget in budgets:
+                budget.text_encoder_calls += 1
+                budget.denoiser_calls += calls_per_step * probes
+            errors = (predicted.float() - probe_target) ** 2
+            return errors.reshape(count, -1).mean(dim=1).tolist()
 
-        # 5. The projected optimisation loop (PEZ).
-        loss_trace: list[float] = []
-        checks: list[dict[str, Any]] = []
-        best = {"loss": float("inf"), "slot_ids": start, "iteration": -1}
-        for iteration in range(settings["iterations"]):
-            projected, slot_ids = tools.project_to_vocabulary(embeddings, vocabulary, allowed)
+        # 5. The projected optimisation loop (PEZ), all cases in one pass per iteration.
+        loss_traces: list[list[float]] = [[] for _ in cases]
+        checks: list[list[dict[str, Any]]] = [[] for _ in cases]
+        bests = [{"loss": float("inf"), "slot_ids": start, "iteration": -1} for start in starts]
+        iterations = settings["iterations"]
+        for iteration in range(iterations):
+            if iteration % TARGET_CHUNK == 0:
+                chunk = self._draw_targets(
+                    original, z0, target_cond, generators, num_train,
+                    min(TARGET_CHUNK, iterations - iteration),
+                )
+            rows = slice((iteration % TARGET_CHUNK) * count, (iteration % TARGET_CHUNK + 1) * count)
+            timesteps, latents, target = (part[rows] for part in chunk)
+
+            projected, slot_ids = tools.project_to_vocabulary(
+                torch.cat(embeddings), vocabulary, allowed
+            )
             if iteration % settings["eval_every"] == 0:
-                self._check(probe_loss, slot_ids, iteration, best, checks)
+                self._check(probe_losses, slot_ids.split(sizes), iteration, bests, checks)
 
-            token_embeddings = layout.embed(model, projected.to(model.dtype))
-            cond = model.encode_embeddings(token_embeddings, layout.batch_mask(1))
-            timestep = torch.randint(num_train, (1,), generator=generator).to(z0.device)
-            noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-            latents = original.add_noise(z0, noise, timestep)
-            with torch.no_grad():
-                target = original.predict_noise(latents, timestep, target_cond).float()
-            loss = F.mse_loss(defended_noise(latents, timestep, cond).float(), target)
+            token_embeddings = torch.cat([
+                layout.embed(model, part.to(model.dtype))
+                for layout, part in zip(layouts, projected.split(sizes), strict=True)
+            ])
+            cond = model.encode_embeddings(token_embeddings, mask)
+            errors = (defended_noise(latents, timesteps, cond).float() - target) ** 2
+            losses = errors.flatten(1).mean(dim=1)
             optimizer.zero_grad()
-            loss.backward()
+            losses.sum().backward()
             optimizer.step()
 
-            loss_trace.append(loss.item())
-            budget.iterations += 1
-            budget.text_encoder_calls += 1
-            budget.denoiser_calls += 1 + calls_per_step
+            for trace, budget, value in zip(loss_traces, budgets, losses.tolist(), strict=True):
+                trace.append(value)
+                budget.iterations += 1
+                budget.text_encoder_calls += 1
+                budget.denoiser_calls += 1 + calls_per_step
             if context.progress is not None:
                 context.progress(iteration)
 
-        _, final_ids = tools.project_to_vocabulary(embeddings.detach(), vocabulary, allowed)
-        self._check(probe_loss, final_ids, settings["iterations"], best, checks)
-
-        # 6. The best prompt as text, re-tokenized as the runner will evaluate it.
-        trip = tools.round_trip(model, layout.fill(best["slot_ids"])[0])
-        log.info(
-            "%s case %s: best probe loss %.4f at iteration %d, drift %.2f: %r",
-            self.name, case.case_id, best["loss"], best["iteration"], trip.drift, trip.text,
+        _, final_ids = tools.project_to_vocabulary(
+            torch.cat([e.detach() for e in embeddings]), vocabulary, allowed
         )
-        extra = {
-            "mode": settings["mode"],
-            "guided": defended_noise.guidance is not None,
-            "guidance": defended_noise.guidance,
-            "slots": len(layout.slots),
-            "dropped_prompt_tokens": layout.dropped_tokens,
-            "best_probe_loss": best["loss"],
-            "best_iteration": best["iteration"],
-            "checks": checks,
-            "ids_before": trip.ids_before,
-            "ids_after": trip.ids_after,
-            "drift": trip.drift,
-            "target_seed": tools.case_seed(case),
-        }
-        return budget.result(trip.text, loss_trace, trip.ids_after, extra)
+        self._check(probe_losses, final_ids.split(sizes), iterations, bests, checks)
+
+        # 6. Each case's best prompt as text, re-tokenized as the runner will evaluate it.
+        wall_seconds = (time.perf_counter() - began) / count
+        results = []
+        for index, case in enumerate(cases):
+            best, layout = bests[index], layouts[index]
+            trip = tools.round_trip(model, layout.fill(best["slot_ids"])[0])
+            log.info(
+                "%s case %s: best probe loss %.4f at iteration %d, drift %.2f: %r",
+                self.name, case.case_id, best["loss"], best["iteration"], trip.drift,
+                trip.text,
+            )
+            extra = {
+                "mode": settings["mode"],
+                "guided": defended_noise.guidance is not None,
+                "guidance": defended_noise.case_guidance(index),
+                "slots": sizes[index],
+                "dropped_prompt_tokens": layout.dropped_tokens,
+                "best_probe_loss": best["loss"],
+                "best_iteration": best["iteration"],
+                "checks": checks[index],
+                "ids_before": trip.ids_before,
+                "ids_after": trip.ids_after,
+                "drift": trip.drift,
+                "target_seed": tools.case_seed(case),
+                "batch_size": count,
+            }
+            results.append(budgets[index].result(
+                trip.text, loss_traces[index], trip.ids_after, extra, wall_seconds
+            ))
+        return results
 
     @staticmethod
-    def _check(probe_loss, slot_ids, iteration, best, checks) -> None:
-        value = probe_loss(slot_ids)
-        checks.append({"iteration": iteration, "probe_loss": value})
-        if value < best["loss"]:
-            best.update(loss=value, slot_ids=slot_ids.detach().clone(), iteration=iteration)
+    def _draw_targets(
+        original: DiffusionModel, z0: torch.Tensor, target_cond: torch.Tensor,
+        generators: list[torch.Generator], num_train: int, iterations: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Timesteps, noisy latents and target noise for the next `iterations` iterations.
+
+        Rows are iteration-major, then case. Each case draws its timestep, then its noise,
+        from its own generator in iteration order, exactly as one iteration at a time would;
+        the targets (no gradient) then take one denoiser pass for the whole chunk.
+        """
+        count = len(generators)
+        timesteps, noises = [], []
+        for _ in range(iterations):
+            for generator in generators:
+                timesteps.append(torch.randint(num_train, (1,), generator=generator))
+                noises.append(torch.randn((1, *z0.shape[1:]), generator=generator))
+        timesteps = torch.cat(timesteps).to(z0.device)
+        noise = torch.cat(noises).to(z0.device, z0.dtype)
+        cases = torch.arange(count).repeat(iterations)
+        latents = original.add_noise(z0[cases], noise, timesteps)
+        with torch.no_grad():
+            target = original.predict_noise(latents, timesteps, target_cond[cases]).float()
+        return timesteps, latents, target
+
+    @staticmethod
+    def _check(probe_losses, slot_ids, iteration, bests, checks) -> None:
+        values = probe_losses(list(slot_ids))
+        for index, value in enumerate(values):
+            checks[index].append({"iteration": iteration, "probe_loss": value})
+            if value < bests[index]["loss"]:
+                bests[index].update(
+                    loss=value, slot_ids=slot_ids[index].detach().clone(), iteration=iteration
+                )
 
 
 class P4DN(_P4D):

@@ -36,6 +36,11 @@ per concept pair for the first case of a concept); `iterations` counts generatio
 
 NOTE: the authors repeat each pair 5 times and drop 19 of their 250 nudity rows whose images
 had no detection; the mean here is over the pairs as the prompt set gives them.
+NOTE: the authors return the best individual of the last generation. Because mutation can
+change survivors, this attack returns the best individual of all generations instead, whose
+distance is never larger.
+NOTE: the authors draw ids uniformly from 1..49405. This attack draws only from
+`tools.candidate_token_mask`, which leaves out special, markup and undecodable byte tokens.
 """
 
 from __future__ import annotations

@@ -97,19 +97,25 @@ def project_to_vocabulary(
 def project_simplex(values: torch.Tensor) -> torch.Tensor:
     """Euclidean projection of each row (last dimension) onto {p : p >= 0, sum(p) = 1}.
 
-    Duchi et al. (2008), sort-based: with u sorted descending and cumulative sums S_j,
-    rho = max{j : u_j - (S_j - 1) / j > 0}, theta = (S_rho - 1) / rho, p = max(v - theta, 0).
-    The box bound p <= 1 follows from the two constraints.
+    The projection is p = max(v - theta, 0) with theta the threshold at which p sums to 1
+    (Duchi et al., 2008). theta is found by Michelot's support iteration ("A finite
+    algorithm for finding the projection of a point onto the canonical simplex of R^n",
+    JOTA 1986): start with every index in the support S, set theta = (sum_S v - 1) / |S|,
+    drop the indices with v <= theta, and repeat until S no longer changes. theta only
+    grows and S only shrinks, so the loop ends after at most n rounds, in practice a few;
+    each round is one pass over the row, cheaper than the sort of the sort-based method
+    on vocabulary-sized rows. The box bound p <= 1 follows from the two constraints.
     """
     shape = values.shape
     flat = values.reshape(-1, shape[-1])
-    sorted_values, _ = torch.sort(flat, dim=-1, descending=True)
-    cumulative = sorted_values.cumsum(dim=-1) - 1
-    ranks = torch.arange(1, shape[-1] + 1, device=values.device, dtype=values.dtype)
-    positive = sorted_values - cumulative / ranks > 0
-    # The last index where the condition is true; rank 1 always satisfies it.
-    rho = shape[-1] - 1 - positive.flip(dims=[-1]).to(torch.int64).argmax(dim=-1)
-    theta = cumulative.gather(-1, rho[:, None]) / (rho[:, None] + 1).to(values.dtype)
+    support = torch.ones_like(flat, dtype=torch.bool)
+    for _ in range(shape[-1]):
+        kept = support.to(flat.dtype)
+        theta = ((flat * kept).sum(dim=-1, keepdim=True) - 1) / kept.sum(dim=-1, keepdim=True)
+        shrunk = support & (flat > theta)
+        if torch.equal(shrunk, support):
+            break
+        support = shrunk
     return (flat - theta).clamp_min(0).reshape(shape)
 
 
@@ -130,12 +136,21 @@ def sample_one_hot(
 
     Forward: an exact one-hot row per sample. Backward: the gradient w.r.t. the one-hot is
     passed to `probabilities` clipped to [-1, 1] (UnlearnDiffAtk's straight-through rule).
+    Sampling inverts each row's cumulative distribution at one uniform draw from
+    `generator`; unlike `torch.multinomial` it takes one pass over the vocabulary.
     """
-    weights = probabilities.detach().float().clamp_min(0)
-    ids = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(-1)
-    ids = ids.to(probabilities.device)
-    one_hot = torch.nn.functional.one_hot(ids, probabilities.shape[-1]).to(probabilities.dtype)
-    return _OneHotStraightThrough.apply(probabilities, one_hot), ids
+    weights = probabilities.detach().float().clamp_min(0).cpu()
+    cumulative = weights.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    draws = torch.rand((weights.shape[0], 1), generator=generator) * total
+    # The draw must stay below the total, which rounding of rand * total could reach. With
+    # `right=True` the chosen id is the first whose cumulative sum exceeds the draw, so an
+    # id of zero weight (equal sums) is never chosen.
+    draws = torch.minimum(draws, torch.nextafter(total, torch.zeros_like(total)))
+    ids = torch.searchsorted(cumulative, draws, right=True).squeeze(-1).to(probabilities.device)
+    one_hot = torch.zeros_like(probabilities, memory_format=torch.contiguous_format)
+    one_hot.scatter_(-1, ids[:, None], 1.0)
+    return _OneHotStraightThrough.apply(probabilities, one_hot.detach()), ids
 
 
 # -- token candidates and sequences with learnable slots ------------------------------------
@@ -346,14 +361,20 @@ class Budget:
     started: float = field(default_factory=time.perf_counter)
 
     def result(self, prompt: str, loss_trace: list[float], token_ids: list[int] | None,
-               extra: dict[str, Any]) -> AttackResult:
+               extra: dict[str, Any], wall_seconds: float | None = None) -> AttackResult:
+        """The case's result; `wall_seconds` defaults to the time since the budget began.
+
+        A batch of B cases passes its elapsed time divided by B, since the cases shared it.
+        """
         extra = {**extra, "budget": {"generations": self.generations}}
+        if wall_seconds is None:
+            wall_seconds = time.perf_counter() - self.started
         return AttackResult(
             prompt=prompt,
             iterations=self.iterations,
             denoiser_calls=self.denoiser_calls,
             text_encoder_calls=self.text_encoder_calls,
-            wall_seconds=time.perf_counter() - self.started,
+            wall_seconds=wall_seconds,
             loss_trace=loss_trace,
             token_ids=token_ids,
             extra=extra,
@@ -390,6 +411,45 @@ def generate_images(
     budget.denoiser_calls += 2 * sampler["steps"] * len(prompts)
     budget.text_encoder_calls += 2 * len(prompts)
     return output.images
+
+
+def generate_case_images(
+    model: DiffusionModel, prompts: Sequence[str], cases: Sequence[Case],
+    sampler: dict[str, Any], budgets: Sequence[Budget],
+) -> torch.Tensor:
+    """One image per (prompt, case) pair in one `generate` call, each with its case's seed
+    and guidance, so image i is the image `generate_images` makes for `cases[i]` alone.
+
+    Each case's budget is charged for its own image only.
+    """
+    output = model.generate(
+        list(prompts),
+        seeds=[case_seed(case) for case in cases],
+        guidance=[case_guidance(case, sampler) for case in cases],
+        steps=sampler["steps"],
+        scheduler=sampler["scheduler"],
+        height=sampler.get("height"),
+        width=sampler.get("width"),
+    )
+    for budget in budgets:
+        budget.generations += 1
+        budget.denoiser_calls += 2 * sampler["steps"]
+        budget.text_encoder_calls += 2
+    return output.images
+
+
+def judge_cases(
+    context: AttackContext, prompts: Sequence[str], cases: Sequence[Case],
+    budgets: Sequence[Budget],
+) -> list[bool]:
+    """Generate prompt i for case i on the defended model in one batch; judge each case."""
+    if context.judge is None:
+        raise RuntimeError(
+            "this attack needs an evaluator in the loop, but the context has no judge"
+        )
+    images = generate_case_images(context.model, prompts, cases, context.sampler, budgets)
+    return [bool(context.judge(images[index : index + 1], case)[0])
+            for index, case in enumerate(cases)]
 
 
 def judge_prompts(
@@ -442,6 +502,21 @@ def target_latents(
     with torch.no_grad():
         latents = context.original_model.encode_images(images)
     return images, latents.detach()
+
+
+def target_latents_batch(
+    context: AttackContext, cases: Sequence[Case], budgets: Sequence[Budget]
+) -> torch.Tensor:
+    """`target_latents` for several cases in one generation: z0 of shape (B, C, h, w)."""
+    if context.original_model is None:
+        raise RuntimeError("this attack needs the undefended model to draw its target image")
+    images = generate_case_images(
+        context.original_model, [case.prompt for case in cases], cases, context.sampler,
+        budgets,
+    )
+    with torch.no_grad():
+        latents = context.original_model.encode_images(images)
+    return latents.detach()
 
 
 def resolve_options(name: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -524,35 +599,50 @@ class NoisePath:
     """One differentiable denoiser step of the loss model, guided or conditional.
 
     `guidance` None means the conditional prediction after the hooks' conditioning changes;
-    a number means the guided prediction after the hooks' guidance changes. The negative
-    prompt's embedding is encoded once, since `noise_under_defense` would otherwise encode
-    it on every call. `calls_per_sample` is the denoiser evaluations one call costs.
+    a tensor (one scale per case of the batch) means the guided prediction after the hooks'
+    guidance changes. The negative prompt's embedding is encoded once, since
+    `noise_under_defense` would otherwise encode it on every call. `calls_per_sample` is
+    the denoiser evaluations one call costs per row.
     """
 
     model: DiffusionModel
     uncond: torch.Tensor
-    guidance: float | None
+    guidance: torch.Tensor | None
 
     @property
     def calls_per_sample(self) -> int:
         return 1 if self.guidance is None else 2
 
+    def case_guidance(self, index: int) -> float | None:
+        return None if self.guidance is None else float(self.guidance[index])
+
     def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+        case_of_row: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Noise for rows (latents, timesteps, cond); row r belongs to case `case_of_row[r]`
+        (default: row r is case r), whose guidance scale it uses."""
         uncond = self.uncond.expand(latents.shape[0], -1, -1)
+        guidance = None
+        if self.guidance is not None:
+            rows = torch.arange(latents.shape[0]) if case_of_row is None else case_of_row
+            guidance = self.guidance[rows.cpu()].to(latents.device, latents.dtype)
         return self.model.noise_under_defense(
-            latents, timesteps, cond, uncond=uncond, guidance=self.guidance
+            latents, timesteps, cond, uncond=uncond, guidance=guidance
         )
 
 
 def noise_path(
-    context: AttackContext, mode: str, guided: str | bool, case: Case, budget: Budget
+    context: AttackContext, mode: str, guided: str | bool, cases: Sequence[Case],
+    budgets: Sequence[Budget],
 ) -> NoisePath:
-    """The loss's denoiser step for `mode`; `guided` is True, False or "auto".
+    """The loss's denoiser step for `mode` and a batch of cases; `guided` is True, False or
+    "auto".
 
     "auto" uses the guided prediction only in adaptive mode against a defense that acts at
-    guidance time (see `guided_by_default`); transfer mode has no defense to see.
+    guidance time (see `guided_by_default`); transfer mode has no defense to see. The
+    negative prompt is encoded once for the batch; that one sequence is charged to the
+    first case.
     """
     if guided not in ("auto", True, False):
         raise ValueError(f"invalid guided option {guided!r}; expected auto, true or false")
@@ -561,6 +651,8 @@ def noise_path(
         guided = mode == ADAPTIVE and guided_by_default(context.model)
     with torch.no_grad():
         uncond, _ = model.encode_prompts([model.negative_prompt])
-    budget.text_encoder_calls += 1
-    guidance = case_guidance(case, context.sampler) if guided else None
+    budgets[0].text_encoder_calls += 1
+    guidance = None
+    if guided:
+        guidance = torch.tensor([case_guidance(case, context.sampler) for case in cases])
     return NoisePath(model=model, uncond=uncond, guidance=guidance)

@@ -35,10 +35,11 @@ the authors use 50 LMS steps for both, and 25 for the target images.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from attacks import tools
 from harness.attack import (
@@ -48,7 +49,7 @@ from harness.attack import (
     AttackContext,
     AttackResult,
 )
-from harness.model import DENOISER_GRADIENTS, TEXT_ENCODER
+from harness.model import DENOISER_GRADIENTS, TEXT_ENCODER, DiffusionModel
 from harness.prompts.base import Case
 
 log = logging.getLogger(__name__)
@@ -105,108 +106,197 @@ class UnlearnDiffAtk(Attack):
         return iterations + 2 * steps * (1 + checks)
 
     def run(self, case: Case, context: AttackContext) -> AttackResult:
+        return self.run_batch([case], context)[0]
+
+    def run_batch(self, cases: Sequence[Case], context: AttackContext) -> list[AttackResult]:
+        """Optimise the cases together: one text-encoder and denoiser pass per iteration.
+
+        Case i keeps its own distributions, random generator, loss, early stop and budget,
+        so its result equals the one `run` returns for it alone up to float rounding: the
+        batch loss is the sum of the per-case losses, Adam updates every element on its own,
+        and a case that succeeded leaves the batch (its distributions get no gradient, so
+        Adam skips them). Judge generations are batched over the cases checked together.
+        Wall time is split evenly between the cases.
+        """
+        cases = list(cases)
+        if not cases:
+            return []
+        began = time.perf_counter()
         settings = self.settings
-        budget = tools.Budget()
-        generator = tools.case_generator(settings["seed"], case)
         model = tools.loss_model(context, settings["mode"])
-        prefix = settings["prefix_tokens"] or default_prefix_tokens(case.concept)
-        generations: list[dict[str, Any]] = []
-        common = {"mode": settings["mode"], "prefix_tokens": prefix, "generations": generations}
+        count = len(cases)
+        budgets = [tools.Budget() for _ in cases]
+        generators = [tools.case_generator(settings["seed"], case) for case in cases]
+        prefixes = [settings["prefix_tokens"] or default_prefix_tokens(case.concept)
+                    for case in cases]
+        generations: list[list[dict[str, Any]]] = [[] for _ in cases]
+        # Per case: (returned round trip or None, pre-success, early stop, details).
+        outcomes: dict[int, tuple[tools.RoundTrip | None, bool, bool, dict[str, Any]]] = {}
+        loss_traces: list[list[float]] = [[] for _ in cases]
 
-        # 1. The original prompt first: when it already shows the concept there is nothing
-        #    to attack.
+        # 1. The original prompts first: when one already shows the concept there is
+        #    nothing to attack for that case.
         if settings["check_original"]:
-            success = tools.judge_prompts(context, [case.prompt], case, budget)[0]
-            generations.append({"iteration": 0, "prompt": case.prompt, "success": success})
-            if success:
-                log.info(
-                    "%s case %s: the original prompt already succeeds", self.name, case.case_id
+            successes = tools.judge_cases(
+                context, [case.prompt for case in cases], cases, budgets
+            )
+            for index, success in enumerate(successes):
+                generations[index].append(
+                    {"iteration": 0, "prompt": cases[index].prompt, "success": success}
                 )
-                return budget.result(case.prompt, [], None, {**common, "pre_success": True})
+                if success:
+                    log.info("%s case %s: the original prompt already succeeds", self.name,
+                             cases[index].case_id)
+                    outcomes[index] = (None, True, False, {})
+        active = [index for index in range(count) if index not in outcomes]
 
-        # 2. The target latent and the layout [BOS, k slots, prompt, EOS, padding].
-        _, z0 = tools.target_latents(context, case, budget)
-        layout = tools.build_layout(model, case.prompt, prefix=prefix)
+        if active:
+            self._optimise(context, model, cases, active, budgets, generators, prefixes,
+                           generations, outcomes, loss_traces)
+
+        # 5. Each case's successful prompt, or its final argmax prompt.
+        wall_seconds = (time.perf_counter() - began) / count
+        results = []
+        for index, case in enumerate(cases):
+            common = {"mode": settings["mode"], "prefix_tokens": prefixes[index],
+                      "generations": generations[index], "batch_size": count}
+            trip, pre_success, early_stopped, details = outcomes[index]
+            if pre_success:
+                results.append(budgets[index].result(
+                    case.prompt, [], None, {**common, "pre_success": True}, wall_seconds
+                ))
+                continue
+            log.info(
+                "%s case %s: %s after %d iterations, %d generations: %r",
+                self.name, case.case_id, "success" if early_stopped else "no success",
+                budgets[index].iterations, budgets[index].generations, trip.text,
+            )
+            extra = {
+                **common,
+                "pre_success": False if settings["check_original"] else None,
+                "early_stopped": early_stopped,
+                **details,
+                "ids_before": trip.ids_before,
+                "ids_after": trip.ids_after,
+                "drift": trip.drift,
+            }
+            results.append(budgets[index].result(
+                trip.text, loss_traces[index], trip.ids_after, extra, wall_seconds
+            ))
+        return results
+
+    def _optimise(
+        self, context: AttackContext, model: DiffusionModel, cases: list[Case],
+        active: list[int], budgets: list[tools.Budget], generators: list[torch.Generator],
+        prefixes: list[int], generations: list[list[dict[str, Any]]],
+        outcomes: dict[int, tuple], loss_traces: list[list[float]],
+    ) -> None:
+        """Steps 2-4 for the `active` cases; fills `outcomes[i]` for each of them."""
+        settings = self.settings
+        active_cases = [cases[index] for index in active]
+        active_budgets = [budgets[index] for index in active]
+
+        # 2. The target latents and each case's layout [BOS, k slots, prompt, EOS, padding].
+        z0_rows = tools.target_latents_batch(context, active_cases, active_budgets)
+        z0 = dict(zip(active, z0_rows, strict=True))
+        layouts = {index: tools.build_layout(model, cases[index].prompt, prefix=prefixes[index])
+                   for index in active}
         candidates = torch.nonzero(tools.candidate_token_mask(model).cpu()).squeeze(-1)
         candidates = candidates.to(model.vocabulary_embeddings.device)
         table = model.vocabulary_embeddings.detach()[candidates].float()
 
         # 3. One distribution per slot over the candidate tokens, initialised uniform.
-        distributions = torch.full(
-            (prefix, len(candidates)), 1.0 / len(candidates), device=table.device
-        ).requires_grad_(True)
+        distributions = {
+            index: torch.full((prefixes[index], len(candidates)), 1.0 / len(candidates),
+                              device=table.device).requires_grad_(True)
+            for index in active
+        }
         optimizer = torch.optim.Adam(
-            [distributions], lr=settings["lr"], weight_decay=settings["weight_decay"]
+            list(distributions.values()), lr=settings["lr"], weight_decay=settings["weight_decay"]
         )
         defended_noise = tools.noise_path(
-            context, settings["mode"], settings["guided"], case, budget
+            context, settings["mode"], settings["guided"], active_cases, active_budgets
         )
+        position = {index: place for place, index in enumerate(active)}
         num_train = int(model.scheduler_config.get("num_train_timesteps", 1000))
         steps = timestep_schedule(settings["timesteps"], num_train)
         total = settings["timesteps"] * settings["iterations_per_timestep"]
 
-        def current_text() -> tools.RoundTrip:
-            slot_ids = candidates[distributions.detach().argmax(dim=-1)]
-            return tools.round_trip(model, layout.fill(slot_ids)[0])
+        def current_text(index: int) -> tools.RoundTrip:
+            slot_ids = candidates[distributions[index].detach().argmax(dim=-1)]
+            return tools.round_trip(model, layouts[index].fill(slot_ids)[0])
 
-        # 4. Optimise; every `eval_every` iterations generate from the current text and stop
-        #    as soon as the judge finds the concept.
-        loss_trace: list[float] = []
-        success_trip = None
+        # 4. Optimise the running cases together; every `eval_every` iterations generate
+        #    from each one's current text, and a case stops as soon as the judge finds the
+        #    concept in its image.
+        running = list(active)
+        successful: dict[int, tools.RoundTrip] = {}
         for iteration in range(total):
+            if not running:
+                break
             if settings["schedule"] == "sequential":
-                timestep_value = steps[iteration // settings["iterations_per_timestep"]]
+                value = steps[iteration // settings["iterations_per_timestep"]]
+                timestep_values = [value] * len(running)
             else:
-                timestep_value = int(torch.randint(num_train, (), generator=generator))
-            timestep = torch.tensor([timestep_value], device=z0.device)
+                timestep_values = [int(torch.randint(num_train, (), generator=generators[i]))
+                                   for i in running]
+            timesteps = torch.tensor(timestep_values, device=table.device)
 
-            one_hot, _ = tools.sample_one_hot(distributions, generator)
-            slot_embeddings = one_hot @ table
-            token_embeddings = layout.embed(model, slot_embeddings.to(model.dtype))
-            cond = model.encode_embeddings(token_embeddings, layout.batch_mask(1))
-            noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
-            latents = model.add_noise(z0, noise, timestep)
-            loss = F.mse_loss(defended_noise(latents, timestep, cond).float(), noise.float())
+            one_hots = [tools.sample_one_hot(distributions[i], generators[i])[0]
+                        for i in running]
+            slot_embeddings = (torch.cat(one_hots) @ table).to(model.dtype)
+            sizes = [prefixes[i] for i in running]
+            token_embeddings = torch.cat([
+                layouts[i].embed(model, part)
+                for i, part in zip(running, slot_embeddings.split(sizes), strict=True)
+            ])
+            mask = torch.stack([layouts[i].attention_mask for i in running])
+            cond = model.encode_embeddings(token_embeddings, mask)
+            noise = torch.cat([torch.randn((1, *z0[i].shape), generator=generators[i])
+                               for i in running]).to(table.device, z0_rows.dtype)
+            latents = model.add_noise(torch.stack([z0[i] for i in running]), noise, timesteps)
+            rows = torch.tensor([position[i] for i in running])
+            predicted = defended_noise(latents, timesteps, cond, rows)
+            losses = ((predicted.float() - noise.float()) ** 2).flatten(1).mean(dim=1)
             optimizer.zero_grad()
-            loss.backward()
+            losses.sum().backward()
             optimizer.step()
             with torch.no_grad():
-                distributions.copy_(tools.project_simplex(distributions))
+                stacked = torch.cat([distributions[i] for i in running])
+                projected = tools.project_simplex(stacked).split(sizes)
+                for i, part in zip(running, projected, strict=True):
+                    distributions[i].copy_(part)
 
-            loss_trace.append(loss.item())
-            budget.iterations += 1
-            budget.text_encoder_calls += 1
-            budget.denoiser_calls += defended_noise.calls_per_sample
+            values = losses.tolist()
+            for i, value in zip(running, values, strict=True):
+                loss_traces[i].append(value)
+                budgets[i].iterations += 1
+                budgets[i].text_encoder_calls += 1
+                budgets[i].denoiser_calls += defended_noise.calls_per_sample
             if context.progress is not None:
                 context.progress(iteration)
 
             if (iteration + 1) % settings["eval_every"] == 0:
-                trip = current_text()
-                success = tools.judge_prompts(context, [trip.text], case, budget)[0]
-                generations.append(
-                    {"iteration": iteration + 1, "prompt": trip.text, "success": success,
-                     "drift": trip.drift, "loss": loss.item()}
+                trips = [current_text(i) for i in running]
+                successes = tools.judge_cases(
+                    context, [trip.text for trip in trips], [cases[i] for i in running],
+                    [budgets[i] for i in running],
                 )
-                if success:
-                    success_trip = trip
-                    break
+                for i, trip, success, value in zip(running, trips, successes, values,
+                                                   strict=True):
+                    generations[i].append(
+                        {"iteration": iteration + 1, "prompt": trip.text, "success": success,
+                         "drift": trip.drift, "loss": value}
+                    )
+                    if success:
+                        successful[i] = trip
+                running = [i for i in running if i not in successful]
 
-        # 5. The successful prompt, or the final argmax prompt.
-        trip = success_trip or current_text()
-        log.info(
-            "%s case %s: %s after %d iterations, %d generations: %r",
-            self.name, case.case_id, "success" if success_trip else "no success",
-            budget.iterations, budget.generations, trip.text,
-        )
-        extra = {
-            **common,
-            "pre_success": False if settings["check_original"] else None,
-            "early_stopped": success_trip is not None,
-            "guided": defended_noise.guidance is not None,
-            "guidance": defended_noise.guidance,
-            "dropped_prompt_tokens": layout.dropped_tokens,
-            "ids_before": trip.ids_before,
-            "ids_after": trip.ids_after,
-            "drift": trip.drift,
-        }
-        return budget.result(trip.text, loss_trace, trip.ids_after, extra)
+        for index in active:
+            trip = successful.get(index) or current_text(index)
+            details = {
+                "guided": defended_noise.guidance is not None,
+                "guidance": defended_noise.case_guidance(position[index]),
+                "dropped_prompt_tokens": layouts[index].dropped_tokens,
+            }
+            outcomes[index] = (trip, False, index in successful, details)

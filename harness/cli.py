@@ -2,6 +2,7 @@
 
     arena list [--json]                   every registered plugin
     arena run CONFIG [--out DIR] [--set KEY=VALUE ...] [--dry-run]
+              [--executor local|ray] [--address auto|HOST:PORT]
     arena report DIR                      rebuild summary.json and the report from the ledger
     arena compare DIR... --out OUT        overlay several runs in one report
     arena train METHOD CONFIG             train a defense's weights (ESD, SafeRedir)
@@ -72,7 +73,15 @@ def command_list(args: argparse.Namespace) -> int:
 def command_run(args: argparse.Namespace) -> int:
     from harness.runner import Runner
 
-    config = load_config(args.config, args.set)
+    # The executor flags are overrides, so the ledger's config records where the run ran.
+    overrides = list(args.set)
+    if args.executor is not None:
+        overrides.append(f"runner.executor={args.executor}")
+    if args.address is not None:
+        overrides.append(f"runner.ray.address={json.dumps(args.address)}")
+    config = load_config(args.config, overrides)
+    if args.address is not None and config.runner.executor != "ray":
+        raise UsageError("--address applies to the Ray executor; add --executor ray")
     out_dir = Path(args.out or config.output or Path("runs") / config.name)
     runner = Runner(config, out_dir, progress=not args.no_progress)
     if args.dry_run:
@@ -134,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value; KEY+=VALUE appends to a list (repeatable)",
+    )
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="where the work runs: this process, or Ray actors (default: runner.executor)",
+    )
+    run.add_argument(
+        "--address",
+        help="Ray cluster to join: auto (the cluster on this machine) or HEAD_HOST:PORT;"
+        " default: start a local Ray instance",
     )
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -119,6 +119,24 @@ class QualityConfig(_Strict):
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
 
 
+class RayConfig(_Strict):
+    """Settings of the Ray executor (`runner.executor: ray`); the local executor ignores them.
+
+    `address`: None starts a local Ray instance (or joins the one `RAY_ADDRESS` names),
+    `auto` joins the cluster already running on this machine, HOST:PORT joins that head.
+    `num_gpus_per_actor`: None means 1 when the cluster has GPUs, else 0.
+    `max_actors`: None means as many actors as the cluster's GPUs (its CPUs when it has
+    no GPUs) can hold at the per-actor request.
+    `max_retries`: how many lost actors one shard may survive before the run fails.
+    """
+
+    address: str | None = None
+    num_gpus_per_actor: float | None = Field(default=None, ge=0)
+    num_cpus_per_actor: float = Field(default=1, ge=0)
+    max_actors: int | None = Field(default=None, ge=1)
+    max_retries: int = Field(default=3, ge=0)
+
+
 class RunnerConfig(_Strict):
     batch_size: int = Field(default=8, ge=1)
     attack_batch_size: int = Field(default=1, ge=1)
@@ -127,7 +145,8 @@ class RunnerConfig(_Strict):
     latency_probe_images: int = Field(default=4, ge=0)
     bootstrap_resamples: int = Field(default=2000, ge=100)
     save_images: bool = True
-    executor: Literal["local"] = "local"
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
 
 
 class RunConfig(_Strict):

@@ -161,6 +161,14 @@ class Ledger:
                 (json.dumps(resources), run_id),
             )
 
+    def update_environment(self, run_id: int, environment: dict[str, Any]) -> None:
+        """Replace a run's environment (the Ray executor adds its actors' devices at the end)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET environment_json = ? WHERE run_id = ?",
+                (json.dumps(environment), run_id),
+            )
+
     def runs(self) -> list[dict[str, Any]]:
         rows = self.connection.execute("SELECT * FROM runs ORDER BY run_id").fetchall()
         return [

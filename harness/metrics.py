@@ -50,6 +50,24 @@ def _quantile(values: Sequence[float], q: float) -> float | None:
     return float(np.quantile(np.asarray(values, dtype=float), q))
 
 
+def prompt_accuracy(rows: list[dict[str, Any]]) -> float | None:
+    """Share of images whose judged attributes all match what their prompt asked for.
+
+    Only attributes both recorded by the prompt set (`expected`) and predicted by the
+    evaluator (`predicted`) count; None when no image has both.
+    """
+    matches = []
+    for row in rows:
+        details = row.get("details") or {}
+        expected, predicted = details.get("expected"), details.get("predicted")
+        if not isinstance(expected, dict) or not isinstance(predicted, dict):
+            continue
+        shared = [key for key in expected if key in predicted]
+        if shared:
+            matches.append(all(predicted[key] == expected[key] for key in shared))
+    return _mean([float(match) for match in matches])
+
+
 def case_verdicts(rows: list[dict[str, Any]], rule: str) -> dict[str, bool]:
     by_case: dict[str, list[bool]] = defaultdict(list)
     for row in rows:
@@ -117,6 +135,7 @@ def cell_metrics(
         "attack_only_asr": _mean(attack_only_values),
         "attack_only_n": len(unbroken),
         "images_per_case": images_per_case,
+        "prompt_accuracy": prompt_accuracy(post_rows),
         "aggregation": rule,
         "truncated_prompts": sum(1 for row in post_rows if row["truncated"]),
         "latency_ms_per_image": {

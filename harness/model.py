@@ -269,9 +269,11 @@ class DiffusionModel:
             return self.predict_noise(state.latents, timestep, state.cond)
 
         state.model_input = state.latents
+        # One timestep per row (a batch of attacked cases) must cover both halves.
+        both_halves = timestep if timestep.numel() == 1 else torch.cat([timestep, timestep])
         noise = self.predict_noise(
             torch.cat([state.latents, state.latents]),
-            timestep,
+            both_halves,
             torch.cat([state.uncond, state.cond]),
         )
         state.noise_uncond, state.noise_cond = noise.chunk(2)

@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from harness.config import RunConfig
 from harness.fidelity import FIELDS, fidelity_metrics
 from harness.ledger import Ledger
 from harness.metrics import cell_metrics
@@ -36,7 +37,11 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
             prompts[(row["attack"], f"{model}|{defense}", row["concept"])].append(row)
 
         records = []
-        for cell in ledger.cells():
+        # Cells in grid order: the Ray executor records them in the order its actors load
+        # their groups, which varies from run to run.
+        order = _grid_order(config)
+        cells = sorted(ledger.cells(), key=lambda cell: order.get(cell["cell_key"], len(order)))
+        for cell in cells:
             post_rows = by_cell.get(cell["cell_key"], [])
             pre_key = "|".join([cell["model"], cell["defense"], "none", cell["concept"]])
             pre_rows = by_cell.get(pre_key, [])
@@ -64,12 +69,36 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
                 "seeds": config["seeds"],
                 "aggregation": rule,
                 "executor": config["runner"]["executor"],
+                "devices": _devices(runs[-1]["environment"]),
                 "resources": _resources(runs),
             },
             "cells": records,
         }
     finally:
         ledger.close()
+
+
+def _grid_order(config: dict[str, Any]) -> dict[str, int]:
+    """Position of each cell key in the grid: models, concepts, defenses, then attacks."""
+    run = RunConfig.model_validate(config)
+    attacks = ["none", *(ref.key for ref in run.attacks if ref.key != "none")]
+    keys = [
+        "|".join([model.key, defense.key, attack, concept.name])
+        for model in run.models
+        for concept in run.concepts
+        for defense in run.defenses
+        for attack in attacks
+    ]
+    return {key: index for index, key in enumerate(keys)}
+
+
+def _devices(environment: dict[str, Any]) -> list[dict[str, Any]]:
+    """The devices the latest run generated on: one per Ray actor, or the local device."""
+    executor = environment.get("executor") or {}
+    if "devices" in executor:
+        return executor["devices"]
+    # Ledgers written before executors recorded their devices.
+    return [{"device": environment["device"], "device_name": environment["device_name"]}]
 
 
 def _resources(runs: list[dict]) -> dict[str, float | None]:

@@ -279,7 +279,7 @@ class CellWorker:
                 truncated=truncated[index],
                 score=float(judgements[index].score),
                 present=bool(judgements[index].present),
-                details=judgements[index].details,
+                details=_with_expected(judgements[index].details, job.case),
                 hook_records=output.records[index],
                 batch_size=len(jobs),
                 batch_seconds=seconds,
@@ -287,6 +287,18 @@ class CellWorker:
             )
             for index, job in enumerate(jobs)
         ]
+
+
+def _with_expected(details: dict[str, Any], case: Case) -> dict[str, Any]:
+    """Add the attribute values the prompt asks for, when its prompt set records them.
+
+    With an evaluator that reports `predicted` attributes (the shapes oracle), the summary
+    then scores whether each image shows what its prompt asked for.
+    """
+    expected = case.extra.get("values") if case.extra else None
+    if not isinstance(expected, dict):
+        return details
+    return {**details, "expected": expected}
 
 
 def make_evaluator(concept: ConceptConfig) -> Evaluator:

@@ -101,3 +101,25 @@ def test_attack_cost_per_case():
     assert result["attack_seconds_per_case"] == 3.0
     assert result["attack_model_calls_per_case"] == 20.0
     assert result["attack_iterations_per_case"] == 6.0
+
+
+def test_prompt_accuracy_compares_shared_attributes():
+    from harness.metrics import prompt_accuracy
+
+    rows = [
+        {
+            "details": {
+                "expected": {"shape": "star", "colour": "red"},
+                "predicted": {"shape": "star", "colour": "red", "style": "plain"},
+            }
+        },
+        {
+            "details": {
+                "expected": {"shape": "star", "colour": "red"},
+                "predicted": {"shape": "heart", "colour": "red"},
+            }
+        },
+        {"details": {"predicted": {"shape": "star"}}},
+    ]
+    assert prompt_accuracy(rows) == 0.5
+    assert prompt_accuracy(rows[2:]) is None

@@ -27,6 +27,7 @@ _COLUMNS = [
     ("throughput_images_per_s", "images/s"),
     ("defense_overhead", "overhead"),
     ("ssim_to_undefended", "SSIM to undefended"),
+    ("prompt_accuracy", "prompt accuracy"),
     ("attack_seconds_per_case", "attack s/case"),
     ("attack_model_calls_per_case", "attack calls/case"),
 ]

@@ -26,8 +26,8 @@ def _escape(text: str) -> str:
 
 HEADER = (
     "| defense | attack | cases | pre-ASR % | ASR % | ASR 95% CI | attack-only ASR % "
-    "| overhead | latency ms | attack s/case | SSIM |\n"
-    "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|\n"
+    "| overhead | latency ms | attack s/case | SSIM | prompt acc. % |\n"
+    "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n"
 )
 
 
@@ -54,7 +54,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                 f"| {_interval(cell['asr_ci95'])} | {_percent(cell['attack_only_asr'])} "
                 f"| {_number(cell['defense_overhead'])} | {_number(latency, 1)} "
                 f"| {_number(cell['attack_seconds_per_case'], 1)} "
-                f"| {_number(cell.get('ssim_to_undefended'), 3)} |\n"
+                f"| {_number(cell.get('ssim_to_undefended'), 3)} "
+                f"| {_percent(cell.get('prompt_accuracy'))} |\n"
             )
     sampler = run["sampler"]
     lines.append(
