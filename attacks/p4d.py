@@ -38,6 +38,8 @@ Deviations from the authors' code, each deliberate:
   of a generated image to the target, which needs a generation and an OpenCLIP model.
 - NOTE: one target image per case (the case seed); the authors draw 3 and keep the one
   their nudity classifier scores highest, which needs a judge this attack does not declare.
+- The initial tokens and the projection use the tokenizer's candidate ids (see
+  `attacks.tools.candidate_token_mask`), not the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class _P4D(Attack):
             self.name, {**COMMON_DEFAULTS, **self.variant_defaults}, options
         )
         tools.check_mode(self.settings["mode"])
+
+    def depends_on_defense(self) -> bool:
+        # Transfer mode optimises and selects on the undefended model only.
+        return self.settings["mode"] != tools.TRANSFER
 
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, **self.settings}

@@ -109,6 +109,10 @@ class RingABell(Attack):
             raise ValueError(f"attack {self.name!r}: population must be at least 2")
         self._vectors: dict[str, torch.Tensor] = {}
 
+    def depends_on_defense(self) -> bool:
+        # Transfer mode searches against the undefended text encoder only.
+        return self.settings["mode"] != tools.TRANSFER
+
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, **self.settings}
 

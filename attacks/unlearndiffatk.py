@@ -26,7 +26,12 @@ succeeds it is returned unchanged, as the authors' runs do (it counts toward pre
 Options: `prefix_tokens`, `timesteps`, `iterations_per_timestep`, `schedule` ("sequential"
 or "random": a uniform random timestep per step), `lr`, `weight_decay`, `eval_every`,
 `check_original`, `mode` (adaptive: loss through the defended model, hooks included;
-transfer: through the undefended one), `guided` (see attacks.p4d), `seed`.
+transfer: through the undefended one), `guided` (see attacks.p4d), `seed`. `guided`
+defaults to False because the authors' loss is always the conditional noise prediction,
+also against SLD and negative prompts; `auto` regresses the guided prediction instead.
+
+NOTE: the token distributions cover the tokenizer's candidate ids (whole-word pieces
+without special tokens), not the whole vocabulary as in the authors' code.
 
 NOTE: the target image and the early-stop generations use the run's sampler settings;
 the authors use 50 LMS steps for both, and 25 for the target images.
@@ -69,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 40,
     "check_original": True,
     "mode": tools.ADAPTIVE,
-    "guided": "auto",
+    "guided": False,
     "seed": 0,
 }
 

@@ -76,6 +76,14 @@ class Attack:
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, **self.options}
 
+    def depends_on_defense(self) -> bool:
+        """Whether the adversarial prompt changes with the defense under attack.
+
+        A transfer attack that never queries the defended model produces the same prompt
+        for every defense, so the runner computes it once per model and concept.
+        """
+        return True
+
     def estimated_denoiser_passes(self, steps: int) -> int:
         """Denoiser forward passes per case under the current options, for planning.
 

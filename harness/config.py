@@ -64,6 +64,8 @@ class EvaluatorRef(_Strict):
 class ConceptConfig(_Strict):
     """One erased concept: its prompts, its judge, and the text defenses use for it.
 
+    `attacks` limits the attacks run on this concept to those keys (the unattacked
+    baseline always runs); benign prompts, for example, need no attack.
     `task` groups the prompt sets of one erasure task (its forget, retain and benign
     prompts are three concepts of the config with the same task); `role` says which of
     the three this is, so the report can put benign fidelity beside forget ASR.
@@ -73,6 +75,7 @@ class ConceptConfig(_Strict):
     text: str | None = None
     task: str | None = None
     role: Literal["forget", "retain", "benign"] = "forget"
+    attacks: list[str] | None = None
     prompt_set: PluginRef
     evaluator: EvaluatorRef
     limit: int | None = Field(default=None, ge=1)
@@ -332,6 +335,15 @@ def check_plugin_names(config: RunConfig) -> None:
     for index, concept in enumerate(config.concepts):
         checks.append(("prompt_sets", concept.prompt_set.name, f"concepts.{index}.prompt_set"))
         checks.append(("evaluators", concept.evaluator.name, f"concepts.{index}.evaluator"))
+    attack_keys = {ref.key for ref in config.attacks} | {"none"}
+    for index, concept in enumerate(config.concepts):
+        for key in concept.attacks or []:
+            if key not in attack_keys:
+                valid = ", ".join(sorted(attack_keys))
+                raise ConfigError(
+                    f"config error: concepts.{index}.attacks: {key!r} is not a configured"
+                    f" attack; valid: {valid}"
+                )
     for kind, name, location in checks:
         try:
             registry(kind).get(name)

@@ -92,6 +92,11 @@ CREATE TABLE IF NOT EXISTS timings (
 """
 
 
+# The defense part of the key of adversarial prompts that every defense shares (see
+# `Attack.depends_on_defense`).
+ANY_DEFENSE = "any-defense"
+
+
 @dataclass(frozen=True)
 class ImageRow:
     image_key: str

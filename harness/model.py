@@ -13,6 +13,7 @@ The original stays untouched, so the runner can time both in one process.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class DiffusionModel:
                 raise AttributeError(f"DiffusionModel has no field {key!r}")
             setattr(clone, key, value)
         clone.text_path = text_path_for(clone.text_encoder)
+        clone.__dict__.pop("training_scheduler", None)
         return clone
 
     # -- text ----------------------------------------------------------------------------
@@ -213,10 +215,15 @@ class DiffusionModel:
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """Forward diffusion q(x_t | x_0) with the model's training noise schedule."""
+        return self.training_scheduler.add_noise(latents, noise, timesteps.to(latents.device))
+
+    @functools.cached_property
+    def training_scheduler(self):
+        """A DDPM scheduler with the model's noise schedule, built once (attacks call
+        `add_noise` every optimisation step)."""
         from diffusers import DDPMScheduler
 
-        scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        return scheduler.add_noise(latents, noise, timesteps.to(latents.device))
+        return DDPMScheduler.from_config(self.scheduler_config)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.codec.encode(images.to(self.device, self.dtype))

@@ -40,7 +40,6 @@ from harness.prompts.base import Case
 from harness.runner import (
     Group,
     Runner,
-    attacks_with_baseline,
     batched,
     cell_key,
     resolve_device,
@@ -336,7 +335,6 @@ class RayExecutor:
         """Run every group that still has work; return when all are in the ledger."""
         ray = import_ray()
         self.runner, self.ledger = runner, ledger
-        self.attacks = attacks_with_baseline(runner.config.attacks)
         disable = not runner.progress
         self.cells_bar = tqdm(total=runner.cell_count(), desc="cells", unit="cell", disable=disable)
         self.images_bar = tqdm(total=0, desc="images", unit="img", leave=False, disable=disable)
@@ -345,7 +343,7 @@ class RayExecutor:
         self.groups: list[_GroupState] = []
         for group, done in runner.plan_groups(ledger):
             if done:
-                self.cells_bar.update(len(self.attacks))
+                self.cells_bar.update(len(group.attacks))
             else:
                 self.groups.append(_GroupState(group))
 
@@ -431,7 +429,7 @@ class RayExecutor:
     def _submit(self, actor: _Actor, state: _GroupState, shard: _Shard | None) -> None:
         remote = actor.handle
         if shard is None:
-            ref = remote.load.remote(state.group, self.attacks)
+            ref = remote.load.remote(state.group, list(state.group.attacks))
         elif shard.kind == "probe":
             ref = remote.probe.remote(shard.cases, shard.count)
         elif shard.kind == "attack":
@@ -517,7 +515,7 @@ class RayExecutor:
         if count:
             state.ready.append(_Shard("probe", cases=group.cases, count=count))
 
-        for attack_ref in self.attacks:
+        for attack_ref in group.attacks:
             settings = info["settings"][attack_ref.key]
             _, _, todo = runner.open_cell(ledger, group, attack_ref, info["sampler"], settings)
             if not todo:

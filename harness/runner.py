@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.config import ConceptConfig, DefenseRef, PluginRef, RunConfig, stable_hash
-from harness.ledger import ImageRow, Ledger, image_key, write_bytes_atomic
+from harness.ledger import ANY_DEFENSE, ImageRow, Ledger, image_key, write_bytes_atomic
 from harness.model import ALL_CAPABILITIES, DiffusionModel
 from harness.prompts.base import Case
 from harness.registry import create, registry
@@ -74,6 +74,7 @@ class Group:
     concept: ConceptConfig
     defense_ref: DefenseRef
     cases: tuple[Case, ...]
+    attacks: tuple[PluginRef, ...]
 
     @property
     def names(self) -> tuple[str, str, str]:
@@ -94,6 +95,14 @@ def attacks_with_baseline(attacks: Sequence[PluginRef]) -> list[PluginRef]:
     """The configured attacks with `none` first: its images give every cell's pre-ASR."""
     rest = [ref for ref in attacks if ref.key != "none"]
     return [NO_ATTACK, *rest]
+
+
+def attacks_for(config: RunConfig, concept: ConceptConfig) -> list[PluginRef]:
+    """The attacks run on a concept: all of them, or the subset its `attacks` names."""
+    attacks = attacks_with_baseline(config.attacks)
+    if concept.attacks is None:
+        return attacks
+    return [ref for ref in attacks if ref.key == "none" or ref.key in concept.attacks]
 
 
 def check_pairings(config: RunConfig) -> None:
@@ -192,7 +201,6 @@ class Runner:
         are reported now rather than after hours of generation.
         """
         check_pairings(self.config)
-        attacks = attacks_with_baseline(self.config.attacks)
         per_concept = {}
         for concept in self.config.concepts:
             per_concept[concept.name] = len(self.load_cases(concept))
@@ -213,7 +221,7 @@ class Runner:
         for model in self.config.models:
             for concept in self.config.concepts:
                 for defense in self.config.defenses:
-                    for attack in attacks:
+                    for attack in attacks_for(self.config, concept):
                         cells.append((model.key, defense.key, attack.key, concept.name))
         images = sum(
             per_concept[concept] * self.config.seeds.images_per_case for *_, concept in cells
@@ -222,10 +230,10 @@ class Runner:
             "cells": cells,
             "cases": per_concept,
             "images": images,
-            "estimated_gpu_hours": self._estimate_gpu_hours(per_concept, attacks),
+            "estimated_gpu_hours": self._estimate_gpu_hours(per_concept),
         }
 
-    def _estimate_gpu_hours(self, per_concept: dict[str, int], attacks: list[PluginRef]) -> float:
+    def _estimate_gpu_hours(self, per_concept: dict[str, int]) -> float:
         """Rough GPU time: denoiser passes times each model's estimated seconds per pass.
 
         Generation costs `steps` guided passes per image. An attack costs what its plugin
@@ -240,8 +248,10 @@ class Runner:
                 self.config.sampler.height, self.config.sampler.width
             )
             steps = self.config.sampler.steps or model_cls.default_steps
-            for cases in per_concept.values():
+            for concept in self.config.concepts:
+                cases = per_concept[concept.name]
                 images = cases * self.config.seeds.images_per_case
+                attacks = attacks_for(self.config, concept)
                 for _defense in self.config.defenses:
                     seconds += len(attacks) * images * steps * pass_seconds
                     for attack_ref in attacks:
@@ -306,9 +316,9 @@ class Runner:
 
     def cell_count(self) -> int:
         """Cells in the grid, the `none` baseline included."""
-        attacks = attacks_with_baseline(self.config.attacks)
         config = self.config
-        return len(config.models) * len(config.concepts) * len(config.defenses) * len(attacks)
+        per_model = sum(len(attacks_for(config, concept)) for concept in config.concepts)
+        return len(config.models) * len(config.defenses) * per_model
 
     def plan_groups(self, ledger: Ledger) -> list[tuple[Group, bool]]:
         """Every group in grid order, with whether the ledger already holds all its work.
@@ -316,13 +326,13 @@ class Runner:
         Every cell is checked against the ledger first, so a changed config is rejected
         before any model loads.
         """
-        attacks = attacks_with_baseline(self.config.attacks)
         cases = {concept.name: tuple(self.load_cases(concept)) for concept in self.config.concepts}
         groups = []
         for model_ref in self.config.models:
             for concept in self.config.concepts:
+                attacks = tuple(attacks_for(self.config, concept))
                 for defense_ref in self.config.defenses:
-                    group = Group(model_ref, concept, defense_ref, cases[concept.name])
+                    group = Group(model_ref, concept, defense_ref, cases[concept.name], attacks)
                     self._check_cells(ledger, model_ref, defense_ref, concept, attacks)
                     done = self._group_done(ledger, group.names, group.cases, attacks)
                     groups.append((group, done))
@@ -330,7 +340,6 @@ class Runner:
 
     def _run_grid(self, ledger: Ledger) -> None:
         """The local executor: every group in turn, in this process, on `self.device`."""
-        attacks = attacks_with_baseline(self.config.attacks)
         cells_bar = tqdm(
             total=self.cell_count(), desc="cells", unit="cell", disable=not self.progress
         )
@@ -339,7 +348,7 @@ class Runner:
         evaluators: dict[str, Any] = {}
         for group, done in self.plan_groups(ledger):
             if done:
-                cells_bar.update(len(attacks))
+                cells_bar.update(len(group.attacks))
                 continue
 
             # Models and judges load only when a group still has work, so a finished run
@@ -364,7 +373,7 @@ class Runner:
                 base=base,
                 evaluator=evaluators[concept.name],
             )
-            self._run_group(ledger, worker, group, attacks, cells_bar)
+            self._run_group(ledger, worker, group, group.attacks, cells_bar)
         cells_bar.close()
 
     def _probe_keys(self, names: tuple[str, str, str], cases: list[Case]) -> list[str]:
@@ -536,7 +545,7 @@ class Runner:
                 prompt_key=f"{prefix}|{record['case_id']}",
                 attack=attack_ref.key,
                 attack_hash=attack_hash,
-                defended_model=f"{model_key}|{defense_key}",
+                defended_model=self.prompt_target(group, attack_ref),
                 concept=concept,
             )
             ledger.add_adversarial_prompt(record)
@@ -544,9 +553,16 @@ class Runner:
         return prompts
 
     @staticmethod
-    def _prompt_prefix(group: Group, attack_ref: PluginRef, attack_hash: str | None) -> str:
-        model_key, defense_key, concept = group.names
-        return f"{attack_ref.key}|{attack_hash}|{model_key}|{defense_key}|{concept}"
+    def prompt_target(group: Group, attack_ref: PluginRef) -> str:
+        """The model an attack's prompts belong to: `model|defense`, or `model|any-defense`
+        for attacks whose prompts do not depend on the defense (shared by every defense)."""
+        model_key, defense_key, _ = group.names
+        attack = create("attacks", attack_ref.name, **attack_ref.options)
+        return f"{model_key}|{defense_key if attack.depends_on_defense() else ANY_DEFENSE}"
+
+    def _prompt_prefix(self, group: Group, attack_ref: PluginRef, attack_hash: str | None) -> str:
+        target = self.prompt_target(group, attack_ref)
+        return f"{attack_ref.key}|{attack_hash}|{target}|{group.concept.name}"
 
     def write_images(self, ledger: Ledger, key: str, names, results: list[GeneratedImage]) -> None:
         """Write a batch's PNGs, then its rows in one transaction."""

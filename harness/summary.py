@@ -9,7 +9,7 @@ from typing import Any
 
 from harness.config import RunConfig
 from harness.fidelity import FIELDS, fidelity_metrics
-from harness.ledger import Ledger
+from harness.ledger import ANY_DEFENSE, Ledger
 from harness.metrics import cell_metrics
 
 
@@ -52,9 +52,7 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
                 pre_rows=pre_rows,
                 post_rows=post_rows,
                 timings=timings[(cell["model"], cell["defense"], cell["concept"])],
-                prompts=prompts[
-                    (cell["attack"], f"{cell['model']}|{cell['defense']}", cell["concept"])
-                ],
+                prompts=_cell_prompts(prompts, cell),
                 rule=rule,
                 resamples=resamples,
             )
@@ -99,6 +97,14 @@ def _devices(environment: dict[str, Any]) -> list[dict[str, Any]]:
         return executor["devices"]
     # Ledgers written before executors recorded their devices.
     return [{"device": environment["device"], "device_name": environment["device_name"]}]
+
+
+def _cell_prompts(prompts: dict, cell: dict) -> list[dict]:
+    """A cell's adversarial prompts: its own, or those its attack shares across defenses."""
+    own = prompts.get((cell["attack"], f"{cell['model']}|{cell['defense']}", cell["concept"]))
+    if own:
+        return own
+    return prompts.get((cell["attack"], f"{cell['model']}|{ANY_DEFENSE}", cell["concept"]), [])
 
 
 def _resources(runs: list[dict]) -> dict[str, float | None]:

@@ -230,3 +230,54 @@ def test_dry_run_estimates_gpu_time_for_sd(tmp_path, capsys):
     hours = float(output.split("estimated GPU time: ")[1].split(" h")[0])
     # 2 cells x 12 images x 10 steps x 0.05 s per pass at 512x512, plus no attack cost.
     assert hours == pytest.approx(2 * 12 * 10 * 0.05 / 3600, rel=1e-2)
+
+
+class _CountingTransferAttack(Attack):
+    """Appends a word; shared across defenses, so it must run once per case."""
+
+    name = "counting-transfer"
+    calls: list[str] = []
+
+    def depends_on_defense(self) -> bool:
+        return False
+
+    def run(self, case, context):
+        from harness.attack import AttackResult
+
+        _CountingTransferAttack.calls.append(case.case_id)
+        return AttackResult(prompt=case.prompt + " photo", iterations=1)
+
+
+def test_transfer_attack_runs_once_per_case(tmp_path):
+    registry("attacks").register("counting-transfer", _CountingTransferAttack)
+    _CountingTransferAttack.calls = []
+    overrides = [
+        "attacks+=counting-transfer",
+        "concepts.0.limit=2",
+        "seeds.images_per_case=1",
+        "runner.latency_probe_images=0",
+    ]
+    config = load_config(SMOKE, overrides)
+    Runner(config, tmp_path / "out", progress=False).run()
+    assert sorted(_CountingTransferAttack.calls) == ["0", "1"]
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    attacked = [cell for cell in summary["cells"] if cell["attack"] == "counting-transfer"]
+    assert {cell["defense"] for cell in attacked} == {"none", "negative-prompt"}
+    assert all(cell["attack_iterations_per_case"] == 1 for cell in attacked)
+
+
+def test_concept_attack_subset(tmp_path, capsys):
+    registry("attacks").register("counting-transfer", _CountingTransferAttack)
+    overrides = ["attacks+=counting-transfer", "concepts.0.attacks=[none]", "concepts.0.limit=1"]
+    assert (
+        main(["run", str(SMOKE), "--dry-run", *[item for o in overrides for item in ("--set", o)]])
+        == 0
+    )
+    output = capsys.readouterr().out
+    assert "2 cells" in output
+    assert "counting-transfer" not in output
+
+    bad = ["--set", "attacks+=counting-transfer", "--set", "concepts.0.attacks=[p4d]"]
+    assert main(["run", str(SMOKE), "--dry-run", *bad]) == 2
+    assert "'p4d' is not a configured attack" in capsys.readouterr().err
