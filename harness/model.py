@@ -28,8 +28,8 @@ from harness.text_encoders import text_path_for
 
 log = logging.getLogger(__name__)
 
-# What a model lets an attack do. Attacks declare which of these they need; the runner
-# rejects a pairing before any work when the defended model does not offer one.
+# Capabilities a model offers attacks. Attacks declare which of these they need, and the
+# runner rejects a pairing before any work when the defended model does not offer one.
 TEXT_ENCODER = "text_encoder"  # run the text encoder on ids and token embeddings
 DENOISER_GRADIENTS = "denoiser_gradients"  # differentiate through the denoiser
 ALL_CAPABILITIES = frozenset({TEXT_ENCODER, DENOISER_GRADIENTS})

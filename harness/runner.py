@@ -92,13 +92,13 @@ def batched(items: Sequence, size: int) -> list[list]:
 
 
 def attacks_with_baseline(attacks: Sequence[PluginRef]) -> list[PluginRef]:
-    """The configured attacks with `none` first: its images give every cell's pre-ASR."""
+    """Put `none` first among the attacks: its images give every cell's pre-ASR."""
     rest = [ref for ref in attacks if ref.key != "none"]
     return [NO_ATTACK, *rest]
 
 
 def attacks_for(config: RunConfig, concept: ConceptConfig) -> list[PluginRef]:
-    """The attacks run on a concept: all of them, or the subset its `attacks` names."""
+    """Select the attacks run on a concept: all of them, or the subset its `attacks` names."""
     attacks = attacks_with_baseline(config.attacks)
     if concept.attacks is None:
         return attacks
@@ -195,7 +195,7 @@ class Runner:
         return cases
 
     def plan(self) -> dict[str, Any]:
-        """The grid without loading any model: cells, cases, images and a time estimate.
+        """Plan the grid without loading any model: cells, cases, images and a time estimate.
 
         Evaluators are built (they load their weights lazily) so that missing weight files
         are reported now rather than after hours of generation.
@@ -334,7 +334,7 @@ class Runner:
                 for defense_ref in self.config.defenses:
                     group = Group(model_ref, concept, defense_ref, cases[concept.name], attacks)
                     self._check_cells(ledger, model_ref, defense_ref, concept, attacks)
-                    done = self._group_done(ledger, group.names, group.cases, attacks)
+                    done = self._group_done(ledger, group)
                     groups.append((group, done))
         return groups
 
@@ -373,7 +373,7 @@ class Runner:
                 base=base,
                 evaluator=evaluators[concept.name],
             )
-            self._run_group(ledger, worker, group, group.attacks, cells_bar)
+            self._run_group(ledger, worker, group, cells_bar)
         cells_bar.close()
 
     def _probe_keys(self, names: tuple[str, str, str], cases: list[Case]) -> list[str]:
@@ -403,12 +403,13 @@ class Runner:
             fingerprint = self.cell_fingerprint(model_ref, defense_ref, attack_ref, concept)
             ledger.check_cell(key, fingerprint)
 
-    def _group_done(self, ledger, names, cases, attacks) -> bool:
-        """True when the ledger holds every image and timing of a (model, defense, concept)."""
-        model_key, defense_key, concept_name = names
-        if not set(self._probe_keys(names, cases)) <= ledger.timing_keys():
+    def _group_done(self, ledger: Ledger, group: Group) -> bool:
+        """Check whether the ledger has every image and timing of a (model, defense, concept)."""
+        model_key, defense_key, concept_name = group.names
+        cases = group.cases
+        if not set(self._probe_keys(group.names, cases)) <= ledger.timing_keys():
             return False
-        for attack_ref in attacks:
+        for attack_ref in group.attacks:
             key = cell_key(model_key, defense_key, attack_ref.key, concept_name)
             existing = ledger.existing_image_keys(key)
             for case in cases:
@@ -420,12 +421,12 @@ class Runner:
                         return False
         return True
 
-    def _run_group(self, ledger, worker: CellWorker, group: Group, attacks, cells_bar) -> None:
+    def _run_group(self, ledger, worker: CellWorker, group: Group, cells_bar) -> None:
         count = self.probe_count(ledger, group)
         if count:
             ledger.add_timings(worker.probe_latency(group.cases, count))
 
-        for attack_ref in attacks:
+        for attack_ref in group.attacks:
             cells_bar.set_postfix_str(
                 f"{worker.defense_key} / {attack_ref.key} / {worker.concept.name}"
             )

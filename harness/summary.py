@@ -14,7 +14,7 @@ from harness.metrics import cell_metrics
 
 
 def build_summary(out_dir: str | Path) -> dict[str, Any]:
-    """One record per cell plus the run's metadata (config, versions, device)."""
+    """Compute one record per cell plus the run's metadata (config, versions, device)."""
     ledger = Ledger(out_dir)
     try:
         runs = ledger.runs()
@@ -100,7 +100,7 @@ def _devices(environment: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _cell_prompts(prompts: dict, cell: dict) -> list[dict]:
-    """A cell's adversarial prompts: its own, or those its attack shares across defenses."""
+    """Find a cell's adversarial prompts: its own, or those its attack shares across defenses."""
     own = prompts.get((cell["attack"], f"{cell['model']}|{cell['defense']}", cell["concept"]))
     if own:
         return own

@@ -93,7 +93,7 @@ def _cells_table(cells: list[dict[str, Any]]) -> str:
 
 
 def _prompts_table(rows: list[dict[str, Any]], limit: int = 300) -> str:
-    """The prompts each cell generated from, original and adversarial, escaped."""
+    """Render the prompts each cell generated from, original and adversarial, escaped."""
     seen = set()
     lines = []
     for row in rows:

@@ -174,7 +174,7 @@ def asr_versus_overhead(cells: list[Cell], stem: Path) -> Path:
 
 
 def attack_cost_versus_asr(cells: list[Cell], stem: Path) -> Path | None:
-    """Each attack's seconds per case against the ASR it reached, per defense."""
+    """Plot each attack's seconds per case against the ASR it reached, per defense."""
     rows = [
         cell
         for cell in _forget_cells(cells)
