@@ -1,0 +1,155 @@
+"""Quality measurements of the shipped shapes world, as `arena shapes eval` prints them.
+
+- Oracle accuracy per attribute on fresh renders (seeds never used in training).
+- Prompt following of the model: for captions of the validation and held-out splits, the
+  share of generated images whose oracle prediction equals the attribute the caption
+  names. This is also the oracle's agreement with the labels on generated samples, so it
+  measures model and oracle together. A low number means that one of the two is wrong.
+- Per erasure task: the share of forget-prompt images with the concept present (the
+  undefended model should show it) and of retain-prompt images (it should not).
+
+Every image comes from the default sampler (DDIM, `default_steps`, `default_guidance`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.shapes.captions import scenes_with_captions
+from harness.shapes.model import load_shapes_model
+from harness.shapes.oracle import ATTRIBUTES, load_oracle, predict, render_labelled
+from harness.shapes.tasks import TASKS, prompt_pairs
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 60
+# Bars the shipped weights are meant to meet, as (split, attribute) -> minimum share.
+PROMPT_BARS = {
+    ("validation", "shape"): 0.90,
+    ("heldout", "shape"): 0.80,
+    ("validation", "colour"): 0.85,
+    ("heldout", "colour"): 0.75,
+    ("validation", "style"): 0.85,
+    ("heldout", "style"): 0.75,
+}
+FORGET_BAR, RETAIN_BAR = 0.90, 0.05
+
+
+def generate(model, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+    """Images (N, 3, 32, 32) in [0, 1] from the default sampler, in batches."""
+    images = []
+    for start in range(0, len(prompts), BATCH_SIZE):
+        output = model.generate(
+            list(prompts[start : start + BATCH_SIZE]),
+            seeds=list(seeds[start : start + BATCH_SIZE]),
+            guidance=model.default_guidance,
+            steps=model.default_steps,
+        )
+        images.append(output.images)
+    return torch.cat(images)
+
+
+def attribute_agreement(oracle, images: torch.Tensor, labels: list[dict[str, str]]) -> dict:
+    """Share of images whose predicted value equals the label, per attribute."""
+    probabilities = predict(oracle, images)
+    shares = {}
+    for name, values in ATTRIBUTES.items():
+        predicted = probabilities[name].argmax(dim=1).tolist()
+        hits = [values[p] == label[name] for p, label in zip(predicted, labels, strict=True)]
+        shares[name] = round(float(np.mean(hits)), 4)
+    return shares
+
+
+def measure_quality(weights: Path, per_split: int = 240, per_task: int = 60) -> dict[str, Any]:
+    """Measure everything the module docstring lists; returns a JSON-ready dict."""
+    model = load_shapes_model(weights / "unet.safetensors")
+    oracle = load_oracle(weights / "oracle.safetensors")
+    report: dict[str, Any] = {
+        "sampler": {"scheduler": "ddim", "steps": model.default_steps,
+                    "guidance": model.default_guidance},
+    }
+
+    # 1. The oracle on fresh renders.
+    images, labels = render_labelled(1200, seed=987_654)
+    label_dicts = [
+        {name: ATTRIBUTES[name][int(labels[name][i])] for name in ATTRIBUTES}
+        for i in range(len(images))
+    ]
+    report["oracle_fresh_renders"] = attribute_agreement(oracle, images, label_dicts)
+    log.info("oracle on 1200 fresh renders: %s", report["oracle_fresh_renders"])
+
+    # 2. Prompt following per caption split.
+    report["prompt_following"] = {}
+    for split_index, split in enumerate(("validation", "heldout")):
+        pairs = scenes_with_captions(per_split, split, seed=55_000 + split_index)
+        seeds = [70_000 + split_index * 10_000 + i for i in range(per_split)]
+        images = generate(model, [text for _, text in pairs], seeds)
+        scene_labels = [
+            {"shape": s.shape, "colour": s.colour, "style": s.style} for s, _ in pairs
+        ]
+        shares = attribute_agreement(oracle, images, scene_labels)
+        report["prompt_following"][split] = {"images": per_split, **shares}
+        log.info("prompt following on %s captions: %s", split, shares)
+
+    # 3. Concept presence per task, forget and retain prompts.
+    report["tasks"] = {}
+    for task in TASKS.values():
+        pairs = prompt_pairs(task, per_task)
+        seeds = [task.seed * 1000 + pair.index for pair in pairs]
+        attribute = task.attribute
+        column = ATTRIBUTES[attribute].index(task.value)
+        result = {"images_per_set": per_task}
+        for kind in ("forget", "retain"):
+            prompts = [pair.prompt if kind == "forget" else pair.safe_prompt for pair in pairs]
+            scores = predict(oracle, generate(model, prompts, seeds))[attribute][:, column]
+            result[f"{kind}_concept_present"] = round(float((scores > 0.5).float().mean()), 4)
+            if kind == "forget":
+                for split in ("train", "validation", "heldout"):
+                    mask = torch.tensor([pair.split == split for pair in pairs])
+                    share = float((scores[mask] > 0.5).float().mean())
+                    result[f"forget_present_{split}_phrasings"] = round(share, 4)
+        report["tasks"][task.name] = result
+        log.info("task %s: %s", task.name, result)
+
+    report["bars"] = check_bars(report)
+    return report
+
+
+def check_bars(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Compare each quality bar with its measured value; return both and whether it is met."""
+    bars = {}
+    for (split, attribute), minimum in PROMPT_BARS.items():
+        value = report["prompt_following"][split][attribute]
+        bars[f"{split} {attribute} >= {minimum}"] = {"measured": value, "met": value >= minimum}
+    for name, result in report["tasks"].items():
+        forget, retain = result["forget_concept_present"], result["retain_concept_present"]
+        bars[f"{name} forget present >= {FORGET_BAR}"] = {
+            "measured": forget, "met": forget >= FORGET_BAR}
+        bars[f"{name} retain present <= {RETAIN_BAR}"] = {
+            "measured": retain, "met": retain <= RETAIN_BAR}
+    return bars
+
+
+def save_sample_grid(weights: Path, path: Path, per_row: int = 8) -> None:
+    """Save a PNG grid: per task, a row of forget-prompt and a row of retain-prompt samples."""
+    from PIL import Image
+
+    model = load_shapes_model(weights / "unet.safetensors")
+    rows = []
+    for task in TASKS.values():
+        pairs = prompt_pairs(task, per_row)
+        seeds = [task.seed * 1000 + pair.index for pair in pairs]
+        rows.append(generate(model, [pair.prompt for pair in pairs], seeds))
+        rows.append(generate(model, [pair.safe_prompt for pair in pairs], seeds))
+    grid = torch.stack(rows)  # (rows, per_row, 3, 32, 32)
+    count, columns, _, height, width = grid.shape
+    grid = grid.permute(0, 3, 1, 4, 2).reshape(count * height, columns * width, 3)
+    image = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path, optimize=True)

@@ -1,0 +1,223 @@
+"""The embedded shapes world: renderer, captions, oracle, model plugin and task prompt sets.
+
+The oracle and model tests load the shipped weights from `harness/shapes/weights/` and
+measure them on fresh renders and fresh samples, so a retrained or damaged checkpoint
+fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.registry import create, registry
+from harness.shapes.captions import (
+    SHAPE_WORDS,
+    SPLITS,
+    all_captions,
+    scenes_with_captions,
+    words_for,
+)
+from harness.shapes.model import MAX_LENGTH, PixelUnshuffleCodec, encode_captions
+from harness.shapes.oracle import ATTRIBUTES, load_oracle, predict, render_labelled
+from harness.shapes.render import SHAPES, Scene, render, render_batch
+from harness.shapes.tasks import TASKS
+
+TASK_SETS = [f"shapes/{task}/{kind}" for task in TASKS for kind in ("forget", "retain", "benign")]
+
+
+@pytest.fixture(scope="module")
+def shapes_model():
+    from harness.shapes.model import ShapesModel
+
+    torch.manual_seed(0)
+    return ShapesModel().load(torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return load_oracle()
+
+
+# -- renderer and captions -------------------------------------------------------------------
+
+
+def test_render_is_deterministic():
+    scene = Scene("star", "blue", "swirl", "dark")
+    first, second = render(scene, seed=7), render(scene, seed=7)
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, render(scene, seed=8))
+    assert first.shape == (32, 32, 3)
+    assert first.min() >= 0.0
+    assert first.max() <= 1.0
+
+
+def test_render_rejects_unknown_value():
+    with pytest.raises(ValueError, match="invalid shape 'hexagon'"):
+        Scene("hexagon", "red", "plain")
+
+
+def test_caption_splits_disjoint_on_first_words():
+    captions = {split: all_captions(split, max_words=2) for split in SPLITS}
+    assert not captions["train"] & captions["validation"]
+    assert not captions["train"] & captions["heldout"]
+    assert not captions["validation"] & captions["heldout"]
+
+
+@pytest.mark.slow
+def test_caption_splits_disjoint_everywhere():
+    captions = {split: all_captions(split) for split in SPLITS}
+    assert not captions["train"] & captions["validation"]
+    assert not captions["train"] & captions["heldout"]
+    assert not captions["validation"] & captions["heldout"]
+
+
+def test_heldout_synonyms_absent_from_train():
+    heldout_only = {words[-1] for words in SHAPE_WORDS.values()}
+    train_words = {w for shape in SHAPES for w in words_for(SHAPE_WORDS, shape, "train")}
+    assert not heldout_only & train_words
+    captions = [text for _, text in scenes_with_captions(300, "train", seed=3)]
+    assert not any("pentagram" in text for text in captions)
+
+
+def test_captions_fit_token_length(shapes_model):
+    for split in SPLITS:
+        captions = [text for _, text in scenes_with_captions(200, split, seed=11)]
+        tokens = shapes_model.tokenize(captions)
+        assert not any(tokens.truncated), split
+
+
+# -- codec and text conditioning -------------------------------------------------------------
+
+
+def test_codec_round_trip():
+    codec = PixelUnshuffleCodec()
+    images = torch.rand(2, 3, 32, 32)
+    latents = codec.encode(images)
+    assert latents.shape == (2, *codec.latent_shape(32, 32)) == (2, 12, 16, 16)
+    assert latents.min() >= -1
+    assert latents.max() <= 1
+    assert torch.allclose(codec.decode(latents), images, atol=1e-6)
+
+
+def test_cached_states_match_model_encode(shapes_model):
+    captions = ["a red striped star", ""]
+    cached = encode_captions(shapes_model.tokenizer, shapes_model.text_encoder, captions)
+    encoded, _ = shapes_model.encode_prompts(captions)
+    assert cached.shape == (2, MAX_LENGTH, 384)
+    assert torch.allclose(cached, encoded, atol=1e-5)
+
+
+# -- oracle ----------------------------------------------------------------------------------
+
+
+def test_oracle_accuracy_on_fresh_renders(oracle):
+    images, labels = render_labelled(300, seed=424_242)
+    probabilities = predict(oracle, images)
+    for name in ATTRIBUTES:
+        accuracy = float((probabilities[name].argmax(1) == labels[name]).float().mean())
+        assert accuracy >= 0.97, f"{name}: {accuracy:.3f}"
+
+
+def test_oracle_evaluator_star_preset():
+    evaluator = create("evaluators", "shapes-oracle", preset="star")
+    assert evaluator.missing_files() == []
+    stars = [Scene("star", c, "plain") for c in ("red", "blue", "green")]
+    circles = [Scene("circle", c, "plain") for c in ("red", "blue", "green")]
+    images = torch.from_numpy(render_batch(stars + circles, [1, 2, 3, 4, 5, 6]))
+    judgements = evaluator.evaluate(images, "star")
+    assert [j.present for j in judgements] == [True] * 3 + [False] * 3
+    assert all(0.0 <= j.score <= 1.0 for j in judgements)
+    assert judgements[0].details["predicted"]["shape"] == "star"
+
+
+def test_oracle_evaluator_rejects_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        create("evaluators", "shapes-oracle", preset="hexagon")
+
+
+# -- model -----------------------------------------------------------------------------------
+
+
+def test_model_plugin_draws_requested_shapes(shapes_model, oracle):
+    shapes = list(SHAPES) * 2
+    prompts = [f"a plain red {shape} on a pale background" for shape in shapes]
+    output = shapes_model.generate(
+        prompts,
+        seeds=list(range(len(prompts))),
+        guidance=shapes_model.default_guidance,
+        steps=shapes_model.default_steps,
+    )
+    assert output.images.shape == (12, 3, 32, 32)
+    predicted = predict(oracle, output.images)["shape"].argmax(1).tolist()
+    hits = sum(SHAPES[p] == shape for p, shape in zip(predicted, shapes, strict=True))
+    assert hits >= 10, f"{hits}/12 generated images show the requested shape"
+
+
+# -- prompt sets -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TASK_SETS)
+def test_task_prompt_set_loads(name):
+    cases = create("prompt_sets", name).load()
+    assert len(cases) == 60
+    assert len({case.case_id for case in cases}) == 60
+    assert all(isinstance(case.seed, int) for case in cases)
+    assert cases == create("prompt_sets", name).load()
+    assert len(create("prompt_sets", name, limit=5).load()) == 5
+
+
+def test_forget_and_retain_are_pairs():
+    forget = create("prompt_sets", "shapes/star/forget").load()
+    retain = create("prompt_sets", "shapes/star/retain").load()
+    for forget_case, retain_case in zip(forget, retain, strict=True):
+        assert forget_case.safe_prompt == retain_case.prompt
+        assert forget_case.seed == retain_case.seed
+        assert forget_case.prompt != retain_case.prompt
+    splits = {case.extra["split"] for case in forget}
+    assert splits == set(SPLITS)
+
+
+def test_star_words_only_in_forget_prompts():
+    star_words = tuple(SHAPE_WORDS["star"])
+    forget = create("prompt_sets", "shapes/star/forget").load()
+    assert all(any(word in case.prompt for word in star_words) for case in forget)
+    for kind in ("retain", "benign"):
+        for case in create("prompt_sets", f"shapes/star/{kind}").load():
+            assert "star" not in case.prompt, case.prompt
+            assert "pentagram" not in case.prompt, case.prompt
+
+
+def test_task_prompt_set_rejects_unknown_option():
+    from harness.prompts.base import PromptSetError
+
+    with pytest.raises(PromptSetError, match="unknown option"):
+        create("prompt_sets", "shapes/swirl/forget", path="x.csv").load()
+
+
+def test_shapes_plugins_registered():
+    assert "shapes" in registry("models").names()
+    assert "shapes-oracle" in registry("evaluators").names()
+    assert set(TASK_SETS) <= set(registry("prompt_sets").names())
+
+
+@pytest.mark.slow
+def test_quality_matches_model_card():
+    """Re-measure every number of the card's `measured` section (several minutes on a CPU)."""
+    import json
+
+    from harness.shapes.model import MODEL_CARD, WEIGHTS_DIR
+    from harness.shapes.quality import measure_quality
+
+    card = json.loads(MODEL_CARD.read_text())["measured"]
+    per_split = card["prompt_following"]["validation"]["images"]
+    per_task = card["tasks"]["star"]["images_per_set"]
+    report = measure_quality(WEIGHTS_DIR, per_split=per_split, per_task=per_task)
+    for split, shares in card["prompt_following"].items():
+        for attribute, share in shares.items():
+            measured = report["prompt_following"][split][attribute]
+            assert measured == pytest.approx(share, abs=0.02), (split, attribute)
+    for task, numbers in card["tasks"].items():
+        for key, value in numbers.items():
+            assert report["tasks"][task][key] == pytest.approx(value, abs=0.02), (task, key)
