@@ -72,3 +72,11 @@ def test_judge_configs_need_and_accept_weights(config, saver, cases, tmp_path, c
     path_override = f"concepts.0.evaluator.options.path={tmp_path / 'judge'}"
     assert main(["run", f"configs/{config}.yaml", "--dry-run", "--set", path_override]) == 0
     assert f"{cases} cases" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "config", ["quickstart", "smoke", "attacks-shapes", "baselines-shapes", "saferedir-shapes"]
+)
+def test_shipped_configs_validate(config, capsys):
+    assert main(["run", f"configs/{config}.yaml", "--dry-run"]) == 0
+    assert "cells" in capsys.readouterr().out
