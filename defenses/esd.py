@@ -366,8 +366,9 @@ class EsdDefense(Defense):
         if not self.weights.is_file():
             raise FileNotFoundError(
                 f"defense {self.name!r}: no ESD weights at {self.weights}; train them with "
-                f"`arena train esd CONFIG --out {self.weights}` (config keys: model, concept, "
-                f"variant: {self.variant}, iterations, lr, ...) or pass the option 'weights'"
+                f"`arena train esd CONFIG --out {self.weights}` (for the shapes tasks: "
+                f"configs/esd-shapes-<task>.yaml with --set variant={self.variant}) or pass "
+                "the option 'weights'"
             )
 
     def apply(self, model: DiffusionModel) -> DiffusionModel:

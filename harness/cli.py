@@ -95,7 +95,7 @@ def command_run(args: argparse.Namespace) -> int:
             print("  cell " + " / ".join(cell))
         return 0
     runner.run()
-    print(f"results in {out_dir}: summary.json, report/report.html")
+    print(f"results in {out_dir}: summary.json, summary.md, report/report.html")
     return 0
 
 

@@ -501,10 +501,20 @@ def test_released_state_dict_maps_onto_modules(tmp_path):
 
 
 def test_safetensors_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
     network = Redirector(RedirectorDims(latent_channels=4, token_count=77, embed_dim=32)).eval()
     path = save_checkpoint(network, tmp_path / "w.safetensors", {"concept": "nudity"})
     loaded, card = load_checkpoint(path)
     assert card["concept"] == "nudity"
+    assert {value.dtype for value in load_file(str(path)).values()} <= {torch.float16, torch.int64}
+
+    # Stored in float16: the loaded network equals the original with its weights rounded
+    # to float16, and computes in float32.
+    with torch.no_grad():
+        for tensor in network.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
     inputs = (torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.tensor([10.0]))
     assert torch.equal(loaded(*inputs).logits, network(*inputs).logits)
 

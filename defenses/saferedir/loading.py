@@ -77,7 +77,7 @@ RELEASED_KEY_MAP: tuple[tuple[str, str], ...] = (
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileNotFoundError, ValueError):
     """A checkpoint that is missing, unreadable or does not fit the redirector."""
 
 
@@ -164,12 +164,19 @@ def card_path(weights: Path) -> Path:
 
 
 def save_checkpoint(network: Redirector, path: str | Path, card: dict[str, Any]) -> Path:
-    """Write the weights as safetensors and `card` (with the dims added) beside them."""
+    """Write the weights as safetensors and `card` (with the dims added) beside them.
+
+    Floating-point tensors are stored in float16, which halves the shipped files; loading
+    casts them back to float32.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
+    state = {}
+    for key, value in network.state_dict().items():
+        value = value.detach().cpu()
+        state[key] = (value.half() if value.is_floating_point() else value).contiguous()
     save_file(state, str(path))
     full_card = {**card, "dims": network.dims.to_json(), "weights": path.name}
     card_path(path).write_text(json.dumps(full_card, indent=2) + "\n", encoding="utf-8")
@@ -193,7 +200,10 @@ def load_checkpoint(path: str | Path) -> tuple[Redirector, dict[str, Any]]:
 
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    state = {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in load_file(str(path)).items()
+    }
     card: dict[str, Any] = {}
     if card_path(path).is_file():
         card = json.loads(card_path(path).read_text(encoding="utf-8"))
@@ -226,5 +236,6 @@ def find_shipped(concept: str, dims: RedirectorDims) -> Path:
         f"no shipped SafeRedir checkpoint for concept {concept!r} with latent channels "
         f"{dims.latent_channels}, {dims.token_count} tokens of width {dims.embed_dim} (shipped: "
         f"{', '.join(candidates) or 'none'}); train one with `arena train saferedir CONFIG` "
-        "and set the defense option `checkpoint`"
+        "(for the shapes tasks: configs/train-saferedir-shapes-<task>.yaml) and set the "
+        "defense option `checkpoint`"
     )
