@@ -16,7 +16,7 @@ import torch
 from harness.model import DiffusionModel
 from harness.prompts.base import Case
 
-# What an attack may need from the runner, beyond the defended model.
+# Inputs an attack may need from the runner, beyond the defended model.
 NEEDS_ORIGINAL_MODEL = "original_model"  # the undefended model (P4D's teacher, targets)
 NEEDS_EVALUATOR = "evaluator"  # early stopping through the judge (UnlearnDiffAtk)
 

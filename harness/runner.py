@@ -339,7 +339,7 @@ class Runner:
         return groups
 
     def _run_grid(self, ledger: Ledger) -> None:
-        """The local executor: every group in turn, in this process, on `self.device`."""
+        """Run every group in turn, in this process, on `self.device` (the local executor)."""
         cells_bar = tqdm(
             total=self.cell_count(), desc="cells", unit="cell", disable=not self.progress
         )
@@ -458,7 +458,7 @@ class Runner:
         log.info("cell %s: %d images generated", key, len(todo))
 
     def _adversarial_prompts(self, ledger, worker: CellWorker, group, attack_ref) -> dict[str, str]:
-        """The text to generate from, per case: cached in the ledger, else attacked now."""
+        """Return the text to generate from, per case: cached in the ledger, else attacked now."""
         attack_hash = None if attack_ref.key == "none" else worker.attack_hash(attack_ref)
         prompts, todo = self.cached_prompts(ledger, group, attack_ref, attack_hash)
         if not todo:

@@ -45,7 +45,7 @@ class ImageJob:
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    """What a worker returns per image: the ledger fields and the encoded PNG."""
+    """A worker's result per image: the ledger fields and the encoded PNG."""
 
     job: ImageJob
     prompt: str
@@ -67,7 +67,7 @@ def load_model(config: RunConfig, model_ref: PluginRef, device, dtype) -> Diffus
 
 
 def sampler_settings(config: RunConfig, model: DiffusionModel) -> dict[str, Any]:
-    """The sampler settings in force: the config's, with the model's defaults filled in."""
+    """Return the sampler settings in force: the config's, with the model's defaults filled in."""
     sampler = config.sampler
     guidance = sampler.guidance if sampler.guidance is not None else model.default_guidance
     return {
