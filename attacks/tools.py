@@ -159,9 +159,13 @@ def sample_one_hot(
 def candidate_token_mask(model: DiffusionModel) -> torch.Tensor:
     """Boolean mask (V,) of vocabulary ids an optimiser may place in a slot.
 
-    Excluded: the tokenizer's special ids, markup entries ([unused3], <|endoftext|>) and
+    Excluded: the tokenizer's special ids, markup entries ([unused3], <|endoftext|>),
     byte tokens that decode to no valid text on their own (a lone UTF-8 continuation
-    byte): they fix the sequence layout or cannot survive decoding to text.
+    byte) and WordPiece continuations ("##ing"): they fix the sequence layout or cannot
+    survive decoding to text. A continuation glues onto the word before it when decoded,
+    so re-tokenizing would merge two slots into one and shift every later token.
+    CLIP's word-internal BPE pieces (no "</w>") also merge with their neighbour, but BPE
+    re-splits the merged word into nearby pieces, so they stay allowed, as in P4D and PEZ.
     """
     vocabulary_size = model.vocabulary_embeddings.shape[0]
     blocked = _blocked_token_ids(model.tokenizer, vocabulary_size)
@@ -173,11 +177,11 @@ def candidate_token_mask(model: DiffusionModel) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _blocked_token_ids(tokenizer: Any, vocabulary_size: int) -> list[int]:
-    """Special, markup and undecodable ids of a tokenizer; cached, since SD has 49,408 ids."""
+    """Special, markup, continuation and undecodable ids; cached, since SD has 49,408 ids."""
     blocked = [i for i in getattr(tokenizer, "all_special_ids", []) if i < vocabulary_size]
     tokens = tokenizer.convert_ids_to_tokens(list(range(vocabulary_size)))
     for index, token in enumerate(tokens):
-        if token is None or _MARKUP_TOKEN.match(token):
+        if token is None or _MARKUP_TOKEN.match(token) or token.startswith("##"):
             blocked.append(index)
         elif "\ufffd" in tokenizer.decode([index]) or not tokenizer.decode([index]).strip():
             blocked.append(index)

@@ -126,10 +126,12 @@ class DiffusionModel:
         return [self.text_encoder, self.unet, *codec_modules]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
-        # Every module gets `dtype`: comparing with `self.dtype` inside the loop would stop
-        # casting once the UNet (which `self.dtype` reads) is converted, leaving the VAE behind.
+        # Each module is checked on its own: comparing with `self.dtype` would stop casting
+        # once the UNet (which `self.dtype` reads) is converted, leaving the VAE behind.
+        # Casting only where the dtype differs keeps diffusers from warning on a no-op cast.
         for module in self.modules():
-            if dtype is None:
+            current = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+            if dtype is None or current == dtype:
                 module.to(device=device)
             else:
                 module.to(device=device, dtype=dtype)

@@ -189,6 +189,10 @@ def test_candidate_mask_excludes_specials(tiny_model, bert_model):
     bert_allowed = tools.candidate_token_mask(bert_model)
     unused = bert_model.tokenizer.convert_tokens_to_ids("[unused0]")
     assert not bert_allowed[unused]
+    continuation = bert_model.tokenizer.convert_tokens_to_ids("##ed")
+    assert not bert_allowed[continuation]
+    assert continuation != bert_model.tokenizer.unk_token_id
+    assert bert_allowed[bert_model.tokenizer.convert_tokens_to_ids(BERT_WORDS[0])]
 
 
 def test_round_trip_of_real_words_has_no_drift(tiny_model, bert_model):

