@@ -412,7 +412,7 @@ def generate_images(
         width=sampler.get("width"),
     )
     budget.generations += len(prompts)
-    budget.denoiser_calls += 2 * sampler["steps"] * len(prompts)
+    budget.denoiser_calls += model.denoiser_calls_per_step * sampler["steps"] * len(prompts)
     budget.text_encoder_calls += 2 * len(prompts)
     return output.images
 
@@ -435,9 +435,10 @@ def generate_case_images(
         height=sampler.get("height"),
         width=sampler.get("width"),
     )
+    calls = model.denoiser_calls_per_step * sampler["steps"]
     for budget in budgets:
         budget.generations += 1
-        budget.denoiser_calls += 2 * sampler["steps"]
+        budget.denoiser_calls += calls
         budget.text_encoder_calls += 2
     return output.images
 
@@ -606,7 +607,8 @@ class NoisePath:
     a tensor (one scale per case of the batch) means the guided prediction after the hooks'
     guidance changes. The negative prompt's embedding is encoded once, since
     `noise_under_defense` would otherwise encode it on every call. `calls_per_sample` is
-    the denoiser evaluations one call costs per row.
+    the denoiser evaluations one call costs per row, hooks included (SLD adds one to a
+    guided call; it does not act on a conditional one).
     """
 
     model: DiffusionModel
@@ -615,7 +617,7 @@ class NoisePath:
 
     @property
     def calls_per_sample(self) -> int:
-        return 1 if self.guidance is None else 2
+        return 1 if self.guidance is None else self.model.denoiser_calls_per_step
 
     def case_guidance(self, index: int) -> float | None:
         return None if self.guidance is None else float(self.guidance[index])

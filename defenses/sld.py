@@ -115,6 +115,8 @@ def safety_guidance_term(
 class SafetyGuidanceHook(SamplerHook):
     """Per-generation SLD state: the safety embedding and the momentum v."""
 
+    extra_denoiser_calls = 1  # the prediction for the safety concept
+
     def __init__(self, safety_embedding: torch.Tensor, settings: dict[str, float]) -> None:
         self.safety_embedding = safety_embedding  # (1, T, D)
         self.warmup_steps = int(settings["sld_warmup_steps"])

@@ -111,6 +111,13 @@ class DiffusionModel:
     def __post_init__(self) -> None:
         self.text_path = text_path_for(self.text_encoder)
 
+    @property
+    def denoiser_calls_per_step(self) -> int:
+        """Denoiser evaluations per image in one guided sampling step: the conditional and
+        unconditional predictions, plus what the defense hooks add (SLD's safety concept)."""
+        hooks = [factory(self) for factory in self.sampler_hooks]
+        return 2 + sum(hook.extra_denoiser_calls for hook in hooks)
+
     # -- devices -------------------------------------------------------------------------
 
     @property

@@ -89,6 +89,10 @@ class SamplerHook:
     """Base class for per-generation hooks. A new hook is built for every generation,
     so a hook may keep per-batch state without leaking it into the next batch."""
 
+    # Denoiser evaluations per image per guided step that the hook adds (SLD: 1), so
+    # attack budgets count what a defended step really costs.
+    extra_denoiser_calls: int = 0
+
     def before_denoise(self, state: StepState) -> None:
         """Called before the denoiser call of each step."""
 

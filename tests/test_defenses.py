@@ -13,6 +13,7 @@ import yaml
 from defenses.checkpoint import CheckpointDefense, CheckpointError
 from defenses.esd import (
     EsdConfig,
+    EsdResult,
     EsdU,
     EsdX,
     esd_loss,
@@ -20,6 +21,7 @@ from defenses.esd import (
     sample_partway,
     train_esd,
     trainable_parameter_names,
+    write_weights,
 )
 from defenses.leace import LeaceDefense, fit_eraser
 from defenses.negative_prompt import NegativePrompt
@@ -202,6 +204,23 @@ def test_esd_trainer_writes_weights_and_card(esd_weights, tiny_model):
         EsdU(concept="nudity", weights=str(esd_weights)).wrap(tiny_model)
 
 
+def test_esd_half_precision_weights_load_into_a_float32_model(esd_weights, tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(esd_weights))
+    result = EsdResult(weights=saved, losses=[1.0], seconds=0.0, parameter_count=0)
+    config = EsdConfig.from_mapping({"concept": "nudity", "save_dtype": "float16"})
+    half = tmp_path / "esd-x-nudity.safetensors"
+    write_weights(half, result, config, tiny_model)
+
+    assert half.stat().st_size < esd_weights.stat().st_size
+    defended = EsdX(concept="nudity", weights=str(half)).wrap(tiny_model)
+    for name, value in saved.items():
+        loaded = defended.unet.state_dict()[name]
+        assert loaded.dtype == torch.float32
+        assert torch.equal(loaded, value.half().float())
+
+
 def test_esd_without_weights_names_the_training_command():
     with pytest.raises(FileNotFoundError, match="arena train esd"):
         EsdX(concept="a concept nobody trained")
@@ -249,6 +268,24 @@ def tiny_model_64():
     from harness.models.tiny import TinyRandomSD
 
     return TinyRandomSD().load(torch.device("cpu"), torch.float64)
+
+
+def test_sld_step_costs_one_more_denoiser_call(tiny_model):
+    from attacks.tools import Budget, generate_images
+    from harness.prompts.base import Case
+
+    defended = SafeLatentDiffusion(concept="nudity", preset="medium").wrap(tiny_model)
+    assert tiny_model.denoiser_calls_per_step == 2
+    assert defended.denoiser_calls_per_step == 3
+
+    calls = []
+    for model in (tiny_model, defended):
+        budget = Budget()
+        sampler = {"steps": 3, "guidance": 7.5, "scheduler": "ddim"}
+        generate_images(model, ["a red star"], Case("c", "a red star", "star", seed=1),
+                        sampler, budget)
+        calls.append(budget.denoiser_calls)
+    assert calls == [2 * 3, 3 * 3]
 
 
 @pytest.mark.parametrize("preset", ["medium", "max"])
