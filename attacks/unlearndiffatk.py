@@ -30,8 +30,9 @@ transfer: through the undefended one), `guided` (see attacks.p4d), `seed`. `guid
 defaults to False because the authors' loss is always the conditional noise prediction,
 also against SLD and negative prompts; `auto` regresses the guided prediction instead.
 
-NOTE: the token distributions cover the tokenizer's candidate ids (whole-word pieces
-without special tokens), not the whole vocabulary as in the authors' code.
+NOTE: the token distributions cover the candidate ids of `tools.candidate_token_mask` (no
+special, markup, undecodable or WordPiece-continuation ids), not the whole vocabulary as in
+the authors' code.
 
 NOTE: the target image and the early-stop generations use the run's sampler settings;
 the authors use 50 LMS steps for both, and 25 for the target images.

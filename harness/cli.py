@@ -111,11 +111,25 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_compare(args: argparse.Namespace) -> int:
-    from harness.report.compare import compare_runs
+    from harness.report.compare import check_reproduction, compare_runs, load_summary
 
     combined = compare_runs([Path(d) for d in args.dirs], Path(args.out))
     print(f"compared {len(args.dirs)} runs ({len(combined['cells'])} cells) into {args.out}")
-    return 0
+    if not args.check:
+        return 0
+
+    reference = load_summary(Path(args.dirs[0]))
+    failed = 0
+    for other in args.dirs[1:]:
+        findings = check_reproduction(reference, load_summary(Path(other)))
+        bad = [finding for finding in findings if not finding["ok"]]
+        unchecked = sum(finding.get("identical_images") is None for finding in findings)
+        print(f"{other} against {args.dirs[0]}: {len(findings) - len(bad)} of {len(findings)} "
+              f"cells reproduced; images compared in {len(findings) - unchecked}")
+        for finding in bad:
+            print(f"  NOT REPRODUCED {finding['cell']}: {finding['problem']}")
+        failed += len(bad)
+    return 1 if failed else 0
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -165,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="overlay several runs in one report")
     compare.add_argument("dirs", nargs="+", help="run directories holding summary.json")
     compare.add_argument("--out", required=True, help="output directory for the comparison")
+    compare.add_argument(
+        "--check", action="store_true",
+        help="exit 1 unless every later run reproduces the first (ASR inside the other's "
+        "95%% interval, identical images)",
+    )
     compare.set_defaults(handler=command_compare)
 
     train = commands.add_parser("train", help="train a defense (ESD, SafeRedir, ...)")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from harness.config import RunConfig
 from harness.fidelity import FIELDS, fidelity_metrics
@@ -57,6 +60,7 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
                 resamples=resamples,
             )
             record.update(_fidelity(Path(out_dir), config, cell, post_rows, by_cell))
+            record["images_sha256"] = images_digest(Path(out_dir), post_rows)
             records.append(record)
         return {
             "run": {
@@ -126,6 +130,23 @@ def _fidelity(out_dir: Path, config: dict, cell: dict, rows: list, by_cell: dict
     if cell["attack"] != "none" or cell["defense"] == "none" or reference_key not in by_cell:
         return {**{field: None for field in FIELDS}, "quality_models": {}}
     return fidelity_metrics(out_dir, config.get("quality", {}), rows, by_cell[reference_key])
+
+
+def images_digest(out_dir: Path, rows: list[dict]) -> str | None:
+    """SHA-256 over a cell's decoded pixels, image by image in key order; None when an
+    image file is missing. Two runs with the same seeds and settings must agree on it,
+    which `arena compare --check` tests without the images themselves."""
+    digest = hashlib.sha256()
+    for row in sorted(rows, key=lambda row: row["image_key"]):
+        path = out_dir / row["image_path"] if row.get("image_path") else None
+        if path is None or not path.is_file():
+            return None
+        with Image.open(path) as image:
+            pixels = image.convert("RGB")
+            digest.update(row["image_key"].encode())
+            digest.update(f"{pixels.width}x{pixels.height}".encode())
+            digest.update(pixels.tobytes())
+    return digest.hexdigest()
 
 
 def write_summary(out_dir: str | Path) -> dict[str, Any]:

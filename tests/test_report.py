@@ -58,6 +58,28 @@ def test_compare_overlays_runs(run_dir, tmp_path):
     assert f"{run_dir.name}: negative-prompt" in (out / "summary.md").read_text()
 
 
+def test_compare_check_passes_a_copy_and_fails_a_changed_run(run_dir, tmp_path, capsys):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert all(len(cell["images_sha256"]) == 64 for cell in summary["cells"])
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert main(["compare", str(run_dir), str(copy), "--out", str(tmp_path / "a"), "--check"]) == 0
+    assert "2 of 2 cells reproduced; images compared in 2" in capsys.readouterr().out
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    cells = summary["cells"]
+    cells[0] = {**cells[0], "images_sha256": "0" * 64}
+    cells[1] = {**cells[1], "asr": 2.0, "asr_ci95": [2.0, 2.0]}
+    (changed / "summary.json").write_text(json.dumps(summary))
+    assert main(["compare", str(run_dir), str(changed), "--out", str(tmp_path / "b"),
+                 "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "0 of 2 cells reproduced" in out
+    assert "images differ" in out and "ASR" in out
+
+
 def test_compare_missing_summary_fails_cleanly(tmp_path, capsys):
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no summary.json" in capsys.readouterr().err
