@@ -121,3 +121,32 @@ def test_report_renders_in_headless_chromium(run_dir):
     assert image_count >= 4
     assert broken_images == 0
     assert first_column == sorted(first_column)
+
+
+def _cell(defense, attack, concept, role, pre, asr=None, **extra):
+    asr = pre if asr is None else asr
+    return {"model": "m", "defense": defense, "attack": attack, "concept": concept,
+            "task": "star", "role": role, "pre_asr": pre, "pre_asr_ci95": [pre, pre],
+            "asr": asr, "asr_ci95": [asr, asr], "defense_overhead": 1.5,
+            "attack_seconds_per_case": 2.0 if attack != "none" else 0.0, **extra}
+
+
+def test_paper_tables_by_defense_and_by_attack():
+    from harness.report.markdown import attack_table, defense_table
+
+    cells = [
+        _cell("none", "none", "star", "forget", 0.9),
+        _cell("none", "p4d-n", "star", "forget", 0.9, 1.0),
+        _cell("none", "none", "star-benign", "benign", 0.0, prompt_accuracy=0.75,
+              ssim_to_undefended=None),
+        _cell("uce", "none", "star", "forget", 0.1),
+        _cell("uce", "p4d-n", "star", "forget", 0.1, 0.5),
+        _cell("uce", "none", "star-benign", "benign", 0.0, prompt_accuracy=0.5,
+              ssim_to_undefended=0.8),
+    ]
+    defenses = "".join(defense_table(cells))
+    assert "| uce | star | 10.0 | [10.0, 10.0] | n/a | n/a | 0.0 | 50.0 | 0.800 | 1.50 |" in defenses
+    attacks = "".join(attack_table(cells))
+    assert "| task | defense | pre-ASR % | p4d-n |" in attacks
+    assert "| star | uce | 10.0 | 50.0 (2.0 s) |" in attacks
+    assert attack_table([cell for cell in cells if cell["attack"] == "none"]) == []
