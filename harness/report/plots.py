@@ -286,24 +286,50 @@ def image_grid(
 
 
 def loss_traces(prompts: list[dict[str, Any]], stem: Path) -> Path | None:
-    """Mean attack loss per iteration, one line per (attack, defense, concept)."""
-    traces: dict[str, list[list[float]]] = defaultdict(list)
+    """Mean attack loss per iteration: one panel per (attack, concept), one line per defense.
+
+    Attacks optimise different losses (a noise MSE, an embedding distance), so each attack
+    gets its own panel and y axis; the axis is logarithmic when every value is positive.
+    """
+    traces: dict[tuple[str, str], dict[str, list[list[float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for row in prompts:
         if row["loss_trace"]:
-            model, defense = row["defended_model"].split("|", 1)
-            traces[f"{row['attack']} vs {defense} ({row['concept']})"].append(row["loss_trace"])
+            _model, defense = row["defended_model"].split("|", 1)
+            traces[(row["attack"], row["concept"])][defense].append(row["loss_trace"])
     if not traces:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, runs in sorted(traces.items()):
-        length = max(len(run) for run in runs)
-        padded = np.full((len(runs), length), np.nan)
-        for i, run in enumerate(runs):
-            padded[i, : len(run)] = run
-        axes.plot(np.nanmean(padded, axis=0), label=label, linewidth=1)
-    axes.set_xlabel("iteration")
-    axes.set_ylabel("attack loss (mean over cases)")
-    axes.legend(fontsize=6)
+
+    attacks = _ordered([attack for attack, _ in traces])
+    concepts = _ordered([concept for _, concept in traces])
+    figure, axes = plt.subplots(
+        len(attacks), len(concepts), figsize=(4.2 * len(concepts), 2.6 * len(attacks)),
+        squeeze=False,
+    )
+    for row, attack in enumerate(attacks):
+        for column, concept in enumerate(concepts):
+            panel = axes[row][column]
+            panel.set_title(f"{attack} / {concept}", fontsize=8)
+            panel.tick_params(labelsize=6)
+            by_defense = traces.get((attack, concept), {})
+            positive = True
+            for index, defense in enumerate(_ordered(list(by_defense))):
+                runs = by_defense[defense]
+                padded = np.full((len(runs), max(len(run) for run in runs)), np.nan)
+                for i, run in enumerate(runs):
+                    padded[i, : len(run)] = run
+                mean = np.nanmean(padded, axis=0)
+                positive = positive and bool(np.all(mean > 0))
+                panel.plot(mean, label=defense, linewidth=1, color=f"C{index % 10}")
+            if by_defense and positive:
+                panel.set_yscale("log")
+            if by_defense:
+                panel.legend(fontsize=5, ncol=2)
+            if row == len(attacks) - 1:
+                panel.set_xlabel("iteration", fontsize=7)
+            if column == 0:
+                panel.set_ylabel("loss, mean over cases", fontsize=7)
     return _save(figure, stem)
 
 
