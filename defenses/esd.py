@@ -42,6 +42,7 @@ default `defenses/weights/<variant>-<concept>.safetensors`, which the trainer co
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -299,6 +300,8 @@ class EsdTrainer(Trainer):
         )
         if target.suffix != ".safetensors":
             target = target / f"{config.variant}-{concept_slug(config.concept)}.safetensors"
+        # The card records where the weights went, `--out` included.
+        config = dataclasses.replace(config, out=str(target))
 
         device = torch.device(config.device)
         plugin = create("models", config.model["name"], **config.model.get("options", {}))

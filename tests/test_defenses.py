@@ -193,6 +193,7 @@ def test_esd_trainer_writes_weights_and_card(esd_weights, tiny_model):
     card = json.loads(esd_weights.with_suffix(".json").read_text())
     assert card["variant"] == "esd-x" and card["config"]["seed"] == 1
     assert card["loss"]["iterations"] == 3 and card["wall_seconds"] >= 0
+    assert card["config"]["out"] == str(esd_weights)
     saved = load_file(str(esd_weights))
     assert set(saved) == set(trainable_parameter_names(tiny_model.unet, "esd-x"))
 
