@@ -177,7 +177,7 @@ def candidate_token_mask(model: DiffusionModel) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _blocked_token_ids(tokenizer: Any, vocabulary_size: int) -> list[int]:
-    """Special, markup, continuation and undecodable ids; cached, since SD has 49,408 ids."""
+    """List the special, markup, continuation and undecodable ids (cached: SD has 49,408)."""
     blocked = [i for i in getattr(tokenizer, "all_special_ids", []) if i < vocabulary_size]
     tokens = tokenizer.convert_ids_to_tokens(list(range(vocabulary_size)))
     for index, token in enumerate(tokens):

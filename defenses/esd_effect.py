@@ -39,7 +39,7 @@ def reach(
     timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
     seed: int = 0,
 ) -> list[float]:
-    """The reach r(p) of the edit for each prompt, averaged over `timesteps` and one latent each.
+    """Compute the reach r(p) of the edit for each prompt, averaged over `timesteps`.
 
     x_t is the noised version of a sample the undefended model draws for p, so the measure
     looks at latents the sampler actually visits.
@@ -71,7 +71,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 
 def measure(variant: str, task_name: str, cases: int = 24) -> dict[str, Any]:
-    """Reach of the shipped shapes-world ESD weights for one task, per kind of prompt."""
+    """Measure the reach of the shipped shapes-world ESD weights for one task, per prompt kind."""
     from harness.shapes.model import load_shapes_model
     from harness.shapes.tasks import TASKS, prompt_pairs
 

@@ -133,9 +133,9 @@ def _fidelity(out_dir: Path, config: dict, cell: dict, rows: list, by_cell: dict
 
 
 def images_digest(out_dir: Path, rows: list[dict]) -> str | None:
-    """SHA-256 over a cell's decoded pixels, image by image in key order; None when an
-    image file is missing. Two runs with the same seeds and settings must agree on it,
-    which `arena compare --check` tests without the images themselves."""
+    """Hash a cell's decoded pixels (SHA-256, image by image in key order), or return None
+    when an image file is missing. Two runs with the same seeds and settings must agree
+    on it, which `arena compare --check` tests without the images themselves."""
     digest = hashlib.sha256()
     for row in sorted(rows, key=lambda row: row["image_key"]):
         path = out_dir / row["image_path"] if row.get("image_path") else None

@@ -145,7 +145,8 @@ def test_paper_tables_by_defense_and_by_attack():
               ssim_to_undefended=0.8),
     ]
     defenses = "".join(defense_table(cells))
-    assert "| uce | star | 10.0 | [10.0, 10.0] | n/a | n/a | 0.0 | 50.0 | 0.800 | 1.50 |" in defenses
+    expected = "| uce | star | 10.0 | [10.0, 10.0] | n/a | n/a | 0.0 | 50.0 | 0.800 | 1.50 |"
+    assert expected in defenses
     attacks = "".join(attack_table(cells))
     assert "| task | defense | pre-ASR % | p4d-n |" in attacks
     assert "| star | uce | 10.0 | 50.0 (2.0 s) |" in attacks

@@ -67,10 +67,11 @@ def cell_id(cell: dict[str, Any]) -> tuple[str, str, str, str]:
 
 
 def check_reproduction(reference: dict[str, Any], candidate: dict[str, Any]) -> list[dict]:
-    """One finding per cell of `reference`: whether `candidate` reproduces it.
+    """Check, cell by cell of `reference`, whether `candidate` reproduces it.
 
     A cell passes when it is in both runs, each ASR lies inside the other's 95% interval,
-    and the image digests match (a digest missing on either side is reported, not failed).
+    and the image digests match. A digest missing on either side is reported as unchecked
+    and does not fail the cell.
     """
     theirs = {cell_id(cell): cell for cell in candidate["cells"]}
     findings = []

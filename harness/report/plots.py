@@ -289,7 +289,7 @@ def loss_traces(prompts: list[dict[str, Any]], stem: Path) -> Path | None:
     """Mean attack loss per iteration: one panel per (attack, concept), one line per defense.
 
     Attacks optimise different losses (a noise MSE, an embedding distance), so each attack
-    gets its own panel and y axis; the axis is logarithmic when every value is positive.
+    gets its own panel and y axis. The axis is logarithmic when every value is positive.
     """
     traces: dict[tuple[str, str], dict[str, list[list[float]]]] = defaultdict(
         lambda: defaultdict(list)

