@@ -20,7 +20,9 @@ the authors' diffusers code, so normalisation layers stay fixed):
 
 - `esd-x`: the cross-attention modules (`attn2`) only; the paper's choice for styles;
 - `esd-u`: every Linear/Conv2d module outside `attn2`; the paper's choice for nudity and
-  objects.
+  objects. The time-embedding layers and the output convolution are Linear/Conv2d modules
+  and train too, as in the diffusers code; the CompVis script leaves those two fixed and
+  trains the normalisation layers instead.
 
 Defaults, from the paper (SD 1.4): eta 1, learning rate 1e-5, 1000 iterations, batch 1,
 50 DDIM steps for sampling x_t, start guidance 3. x_t is sampled with the model being
