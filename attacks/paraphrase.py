@@ -114,8 +114,10 @@ def meaning_similarity(original: str, rewrites: list[str]) -> list[float]:
     """Cosine similarity of MiniLM sentence embeddings of each rewrite to the original."""
     if not rewrites:
         return []
+    # sentence-transformers draws a progress bar per call when logging is at INFO.
     embeddings = sentence_encoder().encode(
-        [original, *rewrites], convert_to_tensor=True, normalize_embeddings=True
+        [original, *rewrites], convert_to_tensor=True, normalize_embeddings=True,
+        show_progress_bar=False,
     )
     return (embeddings[1:] @ embeddings[0]).cpu().tolist()
 
