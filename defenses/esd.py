@@ -405,7 +405,9 @@ class EsdDefense(Defense):
         return model.replace(unet=unet)
 
     def describe(self) -> dict[str, Any]:
-        return {"defense": self.name, "weights": str(self.weights)}
+        # A digest rather than only the path, so runs on other machines can be compared.
+        digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()[:16]
+        return {"defense": self.name, "weights": self.weights.name, "weights_sha256": digest}
 
 
 class EsdX(EsdDefense):

@@ -194,6 +194,9 @@ def test_esd_trainer_writes_weights_and_card(esd_weights, tiny_model):
     assert card["variant"] == "esd-x" and card["config"]["seed"] == 1
     assert card["loss"]["iterations"] == 3 and card["wall_seconds"] >= 0
     assert card["config"]["out"] == str(esd_weights)
+    described = EsdX(concept="nudity", weights=str(esd_weights)).describe()
+    assert described["weights"] == esd_weights.name
+    assert described["weights_sha256"] == card["sha256"][:16]
     saved = load_file(str(esd_weights))
     assert set(saved) == set(trainable_parameter_names(tiny_model.unet, "esd-x"))
 

@@ -39,7 +39,8 @@ def _defense_label(cell: Cell) -> str:
 
 def _save(figure: plt.Figure, stem: Path) -> Path:
     """Write `stem`.png and `stem`.svg; return the PNG path (the one the HTML embeds)."""
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:
+        figure.tight_layout()
     figure.savefig(stem.with_suffix(".png"), dpi=110)
     figure.savefig(stem.with_suffix(".svg"))
     plt.close(figure)
@@ -305,7 +306,7 @@ def loss_traces(prompts: list[dict[str, Any]], stem: Path) -> Path | None:
     concepts = _ordered([concept for _, concept in traces])
     figure, axes = plt.subplots(
         len(attacks), len(concepts), figsize=(4.2 * len(concepts), 2.6 * len(attacks)),
-        squeeze=False,
+        squeeze=False, layout="constrained",
     )
     for row, attack in enumerate(attacks):
         for column, concept in enumerate(concepts):
