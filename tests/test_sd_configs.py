@@ -75,7 +75,9 @@ def test_judge_configs_need_and_accept_weights(config, saver, cases, tmp_path, c
 
 
 @pytest.mark.parametrize(
-    "config", ["quickstart", "smoke", "attacks-shapes", "baselines-shapes", "saferedir-shapes"]
+    "config",
+    ["quickstart", "quickstart-shapes-smoke", "smoke", "attacks-shapes", "baselines-shapes",
+     "saferedir-shapes"],
 )
 def test_shipped_configs_validate(config, capsys):
     assert main(["run", f"configs/{config}.yaml", "--dry-run"]) == 0
