@@ -37,3 +37,20 @@ def interleaved_best(
             function()
             times.append(time.perf_counter() - start)
     return min(baseline_times), min(our_times)
+
+
+# The public Stable Diffusion 1.4 UNet config, for building the architecture with random
+# weights (FLOP counts, GPU timing) without downloading anything.
+SD14_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import torch
-from benchtools import report_ratio
+from benchtools import SD14_UNET, report_ratio
 
 from defenses.saferedir.defense import SafeRedir, model_dims
 from defenses.saferedir.loading import shipped_checkpoints
@@ -53,20 +53,6 @@ def test_saferedir_overhead_per_image(benchmark, shapes_model):
     report_ratio(benchmark, "saferedir_overhead", ratio, "<= 1.10")
     assert ratio <= 1.10
 
-
-SD14_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                         "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                       "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
 
 
 def sd14_unet_flops_per_step() -> int:
