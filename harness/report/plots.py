@@ -8,6 +8,7 @@ runs are overlaid (`arena compare`), so the same functions serve one run and man
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,11 @@ def _defense_label(cell: Cell) -> str:
 def _save(figure: plt.Figure, stem: Path) -> Path:
     """Write `stem`.png and `stem`.svg; return the PNG path (the one the HTML embeds)."""
     if figure.get_layout_engine() is None:
-        figure.tight_layout()
+        with warnings.catch_warnings():
+            # Matplotlib warns when long tick labels leave no room to adjust; the figure
+            # is still saved, only less tightly packed.
+            warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
+            figure.tight_layout()
     figure.savefig(stem.with_suffix(".png"), dpi=110)
     figure.savefig(stem.with_suffix(".svg"))
     plt.close(figure)
