@@ -208,7 +208,7 @@ def test_esd_trainer_writes_weights_and_card(esd_weights, tiny_model):
         EsdU(concept="nudity", weights=str(esd_weights)).wrap(tiny_model)
 
 
-def test_esd_half_precision_weights_load_into_a_float32_model(esd_weights, tiny_model, tmp_path):
+def test_esd_float16_weights_load(esd_weights, tiny_model, tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(str(esd_weights))
