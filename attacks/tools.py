@@ -615,8 +615,9 @@ class NoisePath:
     uncond: torch.Tensor
     guidance: torch.Tensor | None
 
-    @property
+    @functools.cached_property
     def calls_per_sample(self) -> int:
+        # Cached: attacks read it every iteration, and the model builds its hooks to count.
         return 1 if self.guidance is None else self.model.denoiser_calls_per_step
 
     def case_guidance(self, index: int) -> float | None:
