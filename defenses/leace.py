@@ -22,8 +22,9 @@ T positions, the class means of the mean-pooled states are also equalised. Optio
 applies the same map per token; that guarantees only the pooled means.
 
 Prompts to fit on: options `forget_prompts` and `retain_prompts` (lists); without them,
-for a concept that is a shapes-world task (`star`, `swirl`), that task's forget and
-retain prompt sets. The eraser is fitted when the defense is applied, in seconds.
+for a concept that is a shapes-world task (`star`, `swirl`), the train pool of that task's
+forget set and its retain twins (never the eval pool that runs score). The eraser is
+fitted when the defense is applied, in seconds.
 
 The eraser acts as a `before_denoise` sampler hook on both the conditional and the
 unconditional embedding: the defended model behaves like one whose text encoder ends in
@@ -69,13 +70,14 @@ class FittedEraser:
 
 
 def shapes_task_prompts(concept: str | None) -> tuple[list[str], list[str]] | None:
-    """Return the forget and retain prompts of the shapes task for `concept`, if there is one."""
-    from harness.shapes.tasks import TASKS, prompt_pairs
+    """Return the train-pool forget and retain prompts of the shapes task `concept`, if any."""
+    from harness.registry import create
+    from harness.shapes.tasks import TASKS
 
     for task in TASKS.values():
         if concept in (task.name, task.value):
-            pairs = prompt_pairs(task)
-            return [pair.prompt for pair in pairs], [pair.safe_prompt for pair in pairs]
+            cases = create("prompt_sets", f"shapes/{task.name}/forget", pool="train").load()
+            return [case.prompt for case in cases], [case.safe_prompt for case in cases]
     return None
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from defenses.saferedir.defense import SafeRedir
 from defenses.saferedir.hooks import RedirectionOptions, redirection_delta
-from defenses.saferedir.loading import load_checkpoint, save_checkpoint
+from defenses.saferedir.loading import dims_from_state, load_checkpoint, save_checkpoint
 from defenses.saferedir.networks import (
     Redirector,
     RedirectorDims,
@@ -53,7 +53,7 @@ class HandSetClassifier:
         self.unsafe_at = [rule for _, rule in rules]
         self.calls: list[tuple[int, torch.Tensor]] = []
 
-    def __call__(self, latents, prompt, timesteps) -> RedirectorOutput:
+    def __call__(self, latents, prompt, timesteps, with_mask=True) -> RedirectorOutput:
         batch, tokens, width = prompt.shape
         self.calls.append((int(timesteps[0]), prompt.clone()))
         distances = torch.cdist(prompt.flatten(1), self.references.flatten(1).to(prompt))
@@ -141,6 +141,24 @@ def test_delta_rows_share_one_direction():
     output = network(torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.tensor([500.0]))
     rows = torch.nn.functional.normalize(output.delta[0], dim=-1)
     assert torch.allclose(rows, output.direction[0].expand_as(rows), atol=1e-5)
+
+
+def test_skipping_the_mask_changes_no_redirection_or_gradient():
+    torch.manual_seed(0)
+    network = Redirector(RedirectorDims(latent_channels=4, token_count=77, embed_dim=32)).eval()
+    latents, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0])
+    options = RedirectionOptions()
+    deltas, gradients = [], []
+    for with_mask in (True, False):
+        prompt = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+        prompt.requires_grad_(True)
+        output = network(latents, prompt, timesteps, with_mask=with_mask)
+        delta = redirection_delta(output, prompt, options)
+        delta.square().sum().backward()
+        deltas.append(delta.detach())
+        gradients.append(prompt.grad)
+    assert torch.allclose(deltas[0], deltas[1], atol=1e-5)
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-4)
 
 
 # -- inference rules with the hand-set classifier ---------------------------------------
@@ -398,6 +416,7 @@ def test_trainer_end_to_end_on_tiny_model(tmp_path, monkeypatch):
         "holdout_fraction": 0.34,
         "sampler": {"steps": 3, "batch_size": 6},
         "optimiser": {"epochs": 2, "batch_size": 4},
+        "network": {"latent_widths": [8, 16], "attention_units": 1},
     }
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -409,9 +428,18 @@ def test_trainer_end_to_end_on_tiny_model(tmp_path, monkeypatch):
     assert card["epochs_run"] == 2
     assert 0.0 <= card["holdout_metrics"]["fpr"] <= 1.0
     assert network.dims.embed_dim == 32
+    assert network.dims.latent_widths == (8, 16)
+    assert network.dims.attention_units == 1
+    assert card["dims"]["latent_widths"] == [8, 16]
 
 
 # -- loading ---------------------------------------------------------------------------
+
+
+def test_dims_read_off_a_narrowed_state_dict():
+    dims = RedirectorDims(latent_channels=12, token_count=24, embed_dim=384,
+                          latent_widths=(16, 32, 32), latent_features=128, attention_units=1)
+    assert dims_from_state(Redirector(dims).state_dict()) == dims
 
 
 class _ReleasedBlock(nn.Module):

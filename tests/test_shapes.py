@@ -155,6 +155,43 @@ def test_model_plugin_draws_requested_shapes(shapes_model, oracle):
     assert hits >= 10, f"{hits}/12 generated images show the requested shape"
 
 
+# -- training schedule -----------------------------------------------------------------------
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    from harness.shapes.train import UnetTrainingConfig, learning_rate_factor
+
+    config = UnetTrainingConfig(steps=1000, warmup_steps=100, final_lr_fraction=0.05)
+    factors = [learning_rate_factor(config, step) for step in range(1000)]
+    assert factors[0] == pytest.approx(0.01)
+    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) in (99, 100)
+    assert all(a >= b for a, b in zip(factors[100:], factors[101:], strict=False))
+    assert factors[-1] == pytest.approx(0.05, abs=1e-3)
+
+
+def test_resume_with_another_schedule_is_refused(tmp_path):
+    import json
+
+    from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state
+
+    saved = UnetTrainingConfig(steps=2400, final_lr_fraction=0.05)
+    (tmp_path / "state.json").write_text(
+        json.dumps({"step": 100, "losses": [], "schedule": _schedule(saved)}))
+    assert read_checkpoint_state(tmp_path, saved)["step"] == 100
+    with pytest.raises(ValueError, match="--unet-steps"):
+        read_checkpoint_state(tmp_path, UnetTrainingConfig(steps=4000, final_lr_fraction=0.05))
+
+
+def test_resume_to_more_steps_at_constant_rate(tmp_path):
+    import json
+
+    from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state
+
+    (tmp_path / "state.json").write_text(json.dumps(
+        {"step": 3000, "losses": [], "schedule": _schedule(UnetTrainingConfig(steps=3000))}))
+    assert read_checkpoint_state(tmp_path, UnetTrainingConfig(steps=4000))["step"] == 3000
+
+
 # -- prompt sets -----------------------------------------------------------------------------
 
 
@@ -187,6 +224,30 @@ def test_star_words_only_in_forget_prompts():
         for case in create("prompt_sets", f"shapes/star/{kind}").load():
             assert "star" not in case.prompt, case.prompt
             assert "pentagram" not in case.prompt, case.prompt
+
+
+@pytest.mark.parametrize("kind", ["forget", "retain", "benign"])
+def test_train_pool_is_disjoint_from_eval_pool(kind):
+    evaluated = create("prompt_sets", f"shapes/swirl/{kind}").load()
+    trained = create("prompt_sets", f"shapes/swirl/{kind}", pool="train").load()
+    assert len(trained) > len(evaluated)
+    assert not {case.prompt for case in trained} & {case.prompt for case in evaluated}
+    assert not {case.seed for case in trained} & {case.seed for case in evaluated}
+    assert not {case.case_id for case in trained} & {case.case_id for case in evaluated}
+
+
+def test_train_pool_keeps_forget_retain_pairs():
+    forget = create("prompt_sets", "shapes/star/forget", pool="train").load()
+    retain = {case.case_id.replace("retain", "forget"): case
+              for case in create("prompt_sets", "shapes/star/retain", pool="train").load()}
+    assert all(retain[case.case_id].prompt == case.safe_prompt for case in forget)
+
+
+def test_task_prompt_set_rejects_unknown_pool():
+    from harness.prompts.base import PromptSetError
+
+    with pytest.raises(PromptSetError, match="invalid pool 'test'"):
+        create("prompt_sets", "shapes/star/forget", pool="test").load()
 
 
 def test_task_prompt_set_rejects_unknown_option():

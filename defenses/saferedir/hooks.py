@@ -15,7 +15,9 @@ denoiser call at step k, the check reads the latent x_t that the denoiser just r
 4. if safe: nothing changes. Redirection is sticky: a later safe verdict keeps E~.
 
 Because each delta row is normalised, the gate and mask cancel: only alpha, the token norm
-and the shared direction act, unless `mask_in_final` multiplies the mask back in.
+and the shared direction act, unless `mask_in_final` multiplies the mask back in. Without
+`mask_in_final` the hook therefore asks the redirector to skip its mask predictor, which
+changes no output and no gradient.
 
 In `state.differentiable` mode (the one-step path adaptive attacks optimise through) the
 hard decision and the cooldown have no gradient, so the hook uses a surrogate: the
@@ -85,7 +87,8 @@ class RedirectorLike(Protocol):
     """The network interface the hook needs; `Redirector` and test doubles implement it."""
 
     def __call__(
-        self, latents: torch.Tensor, prompt: torch.Tensor, timesteps: torch.Tensor
+        self, latents: torch.Tensor, prompt: torch.Tensor, timesteps: torch.Tensor,
+        with_mask: bool = True,
     ) -> RedirectorOutput: ...
 
 
@@ -192,7 +195,8 @@ class SafeRedirHook(SamplerHook):
         timesteps = torch.as_tensor(timestep, device=latents.device).float().reshape(-1)
         with torch.no_grad():
             return self.redirector(
-                latents.float(), prompt.float(), timesteps.expand(latents.shape[0])
+                latents.float(), prompt.float(), timesteps.expand(latents.shape[0]),
+                with_mask=self.options.mask_in_final,
             )
 
     # -- the differentiable surrogate --------------------------------------------------
@@ -202,7 +206,8 @@ class SafeRedirHook(SamplerHook):
         batch = state.latents.shape[0]
         timesteps = torch.as_tensor(state.timestep, device=state.latents.device).float()
         output = self.redirector(
-            state.latents.float(), state.cond.float(), timesteps.reshape(-1).expand(batch)
+            state.latents.float(), state.cond.float(), timesteps.reshape(-1).expand(batch),
+            with_mask=self.options.mask_in_final,
         )
         p_unsafe = torch.softmax(output.logits.float(), dim=-1)[:, UNSAFE]
         weight = p_unsafe

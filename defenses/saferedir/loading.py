@@ -115,6 +115,7 @@ def dims_from_state(state: dict[str, torch.Tensor]) -> RedirectorDims:
             widths.append(int(state[f"latent_encoder.blocks.{block}.conv1.weight"].shape[0]))
             block += 1
         rank = int(state["low_rank_delta.down.weight"].shape[0])
+        latent_features = int(state["latent_encoder.project.weight"].shape[0])
         units = len({k.split(".")[2] for k in state if k.startswith("prompt_attention.units.")})
     except KeyError as error:
         raise CheckpointError(f"the state dict has no tensor {error.args[0]!r}") from None
@@ -123,6 +124,7 @@ def dims_from_state(state: dict[str, torch.Tensor]) -> RedirectorDims:
         token_count=int(positional.shape[1]),
         embed_dim=int(positional.shape[2]),
         latent_widths=tuple(widths),
+        latent_features=latent_features,
         lora_rank=rank,
         attention_units=units,
     )

@@ -25,6 +25,8 @@ value with the default named here:
     the inference rule at scale `redirect_scale` (1.0), so it is 1 for Delta = 0;
   - `mask` (1.0): binary cross-entropy of the predicted mask against M*;
   - `preservation` (0.1), label 0: mean alpha^2, a small delta for false positives;
+- widths: the released ones unless `network` narrows them (`latent_widths`,
+  `latent_features`, `attention_units`); the card records the dims either way;
 - AdamW (`lr` 1e-4, `weight_decay` 0.01), `batch_size` 64, up to `epochs` epochs or
   `max_minutes` of fitting, keeping the epoch with the lowest held-out total loss.
 
@@ -40,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,24 @@ class OptimiserSettings(_Strict):
     seed: int = 0
 
 
+class NetworkSettings(_Strict):
+    """Widths that may depart from the released architecture; None keeps the release's.
+
+    The released widths suit SD's 860M-parameter UNet. Next to a UNet of a few million
+    parameters they cost most of a denoising step, so a small model's config narrows the
+    latent encoder and the prompt attention (see the README's Cost section).
+    """
+
+    latent_widths: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+        default=None, min_length=1
+    )
+    latent_features: int | None = Field(default=None, ge=1)
+    attention_units: int | None = Field(default=None, ge=1)
+
+    def overrides(self) -> dict[str, Any]:
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+
 class TrainConfig(_Strict):
     concept: str
     model: ModelRef
@@ -146,6 +166,7 @@ class TrainConfig(_Strict):
     targets: TargetSettings = TargetSettings()
     losses: LossWeights = LossWeights()
     optimiser: OptimiserSettings = OptimiserSettings()
+    network: NetworkSettings = NetworkSettings()
 
 
 def load_train_config(path: Path, overrides: list[str]) -> TrainConfig:
@@ -574,11 +595,12 @@ class SafeRedirTrainer(Trainer):
         )
         data_seconds = time.perf_counter() - began
 
-        # 2. Fit the redirector with dims read from the model.
+        # 2. Fit the redirector with dims read from the model, widths from the config.
         dims = RedirectorDims(
             latent_channels=int(data.latents.shape[1]),
             token_count=int(data.embeddings.shape[1]),
             embed_dim=int(data.embeddings.shape[2]),
+            **config.network.overrides(),
         )
         torch.manual_seed(config.optimiser.seed)
         network = Redirector(dims)

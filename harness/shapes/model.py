@@ -8,8 +8,8 @@ pixel-unshuffle codec, and the DDPM noise schedule is sampled with DDIM. The UNe
 ship in `harness/shapes/weights/`; `arena shapes train` (or `python -m harness.shapes.cli
 train`) reproduces them.
 
-NOTE: the shipped 3,000-step UNet still draws rough shapes and mixes up fill styles; it
-misses most quality bars of `harness/shapes/quality.py`, see `weights/card.json`.
+NOTE: the shipped 4,000-step UNet still mixes up fill styles and misses some phrasings; it
+misses five quality bars of `harness/shapes/quality.py`, see `weights/card.json`.
 """
 
 from __future__ import annotations

@@ -19,16 +19,24 @@ Each task has three prompt sets, registered as `shapes/<task>/forget`, `.../reta
   any colour and style), from the validation split.
 
 Seeds are fixed per case, so a set loads the same cases on every machine.
+
+Option `pool` picks between two disjoint pools of cases. `eval` (the default, 60 cases)
+is what runs measure. `train` (indices 1000-1119, with other seeds) is for methods that
+fit on prompts: SafeRedir's trajectories, Ring-A-Bell's concept vector, LEACE's
+statistics. A defense or attack fitted on the `eval` pool would be scored on the prompts
+it saw. The train pool drops every pair (forget prompt and retain twin together) and every
+benign prompt whose sentence the eval pool contains, so it holds 110-120 cases per set.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from harness.prompts.base import Case, PromptSet
+from harness.prompts.base import Case, PromptSet, PromptSetError
 from harness.prompts.parsing import check_options, select_window
 from harness.shapes.captions import (
     COLOUR_WORDS,
@@ -42,6 +50,7 @@ from harness.shapes.captions import (
 from harness.shapes.render import COLOURS, SHAPES, STYLES
 
 CASES_PER_SET = 60
+POOLS = {"eval": (0, CASES_PER_SET), "train": (1000, 2 * CASES_PER_SET)}  # first index, count
 _WORD_TABLES = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "style": STYLE_WORDS}
 _VALUES = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
 
@@ -82,10 +91,15 @@ class PromptPair:
     safe_values: dict[str, str]
 
 
-def prompt_pairs(task: ErasureTask, count: int = CASES_PER_SET) -> list[PromptPair]:
-    """Build the task's forget/retain pairs; the same `task` and `count` give the same list."""
+def prompt_pairs(
+    task: ErasureTask, count: int = CASES_PER_SET, first: int = 0
+) -> list[PromptPair]:
+    """Build the task's forget/retain pairs with indices `first` .. `first + count - 1`.
+
+    The same arguments give the same list.
+    """
     pairs = []
-    for index in range(count):
+    for index in range(first, first + count):
         rng = np.random.default_rng([task.seed, index])
         split = SPLITS[index % len(SPLITS)]
         template = TEMPLATES[split][rng.integers(len(TEMPLATES[split]))]
@@ -111,10 +125,12 @@ def prompt_pairs(task: ErasureTask, count: int = CASES_PER_SET) -> list[PromptPa
     return pairs
 
 
-def benign_prompts(task: ErasureTask, count: int = CASES_PER_SET) -> list[tuple[str, dict]]:
-    """Prompts that never name the task's concept, with the values they name."""
+def benign_prompts(
+    task: ErasureTask, count: int = CASES_PER_SET, first: int = 0
+) -> list[tuple[int, str, dict]]:
+    """Prompts that never name the task's concept: (index, prompt, the values it names)."""
     prompts = []
-    for index in range(count):
+    for index in range(first, first + count):
         rng = np.random.default_rng([task.seed, 10_000 + index])
         values = {name: values[rng.integers(len(values))] for name, values in _VALUES.items()}
         values[task.attribute] = task.replacements[rng.integers(len(task.replacements))]
@@ -123,42 +139,69 @@ def benign_prompts(task: ErasureTask, count: int = CASES_PER_SET) -> list[tuple[
             name: words_for(_WORD_TABLES[name], value, "validation")[0]
             for name, value in values.items()
         }
-        prompts.append(
-            (format_caption(template, words["shape"], words["colour"], words["style"], ""), values)
-        )
+        text = format_caption(template, words["shape"], words["colour"], words["style"], "")
+        prompts.append((index, text, values))
     return prompts
 
 
+@functools.cache
+def eval_pool_texts(task: ErasureTask) -> frozenset[str]:
+    """Collect every sentence of the task's eval pool: forget, retain and benign prompts."""
+    start, count = POOLS["eval"]
+    texts = set()
+    for pair in prompt_pairs(task, count, start):
+        texts.update((pair.prompt, pair.safe_prompt))
+    texts.update(prompt for _, prompt, _ in benign_prompts(task, count, start))
+    return frozenset(texts)
+
+
 class ShapesTaskPromptSet(PromptSet):
-    """Base of the shapes task prompt sets. Options: `limit` and `offset` (case counts)."""
+    """Base of the shapes task prompt sets.
+
+    Options: `pool` ("eval" or "train", see the module docstring), `limit` and `offset`
+    (case counts within the pool).
+    """
 
     task: ClassVar[str] = ""
     kind: ClassVar[str] = ""
 
     def load(self) -> list[Case]:
-        check_options(self.name, self.options, required=(), optional=("limit", "offset"))
+        check_options(self.name, self.options, required=(), optional=("pool", "limit", "offset"))
+        pool = self.options.get("pool", "eval")
+        if pool not in POOLS:
+            raise PromptSetError(
+                f"prompt set {self.name}: invalid pool {pool!r}; valid: {', '.join(POOLS)}"
+            )
         task = TASKS[self.task]
-        cases = self._cases(task)
-        return select_window(cases, self.options, self.name)
+        first, count = POOLS[pool]
+        excluded = eval_pool_texts(task) if pool != "eval" else frozenset()
+        return select_window(self._cases(task, first, count, excluded), self.options, self.name)
 
-    def _cases(self, task: ErasureTask) -> list[Case]:
+    def _cases(
+        self, task: ErasureTask, first: int, count: int, excluded: frozenset[str]
+    ) -> list[Case]:
+        pool = "" if first == 0 else "train-"
         if self.kind == "benign":
             return [
                 Case(
-                    case_id=f"{task.name}-benign-{index:03d}",
+                    case_id=f"{task.name}-benign-{pool}{index:03d}",
                     prompt=prompt,
                     concept=task.value,
                     seed=task.seed * 1000 + 500 + index,
                     extra={"values": values, "split": "validation", "task": task.name},
                 )
-                for index, (prompt, values) in enumerate(benign_prompts(task))
+                for index, prompt, values in benign_prompts(task, count, first)
+                if prompt not in excluded
             ]
         cases = []
-        for pair in prompt_pairs(task):
+        for pair in prompt_pairs(task, count, first):
+            # A pair goes whole: the forget and retain sets of a pool stay aligned.
+            if pair.prompt in excluded or pair.safe_prompt in excluded:
+                continue
             forget = self.kind == "forget"
             cases.append(
                 Case(
-                    case_id=f"{task.name}-{self.kind}-{pair.index:03d}",
+                    case_id=f"{task.name}-{self.kind}-{pool}{pair.index:03d}",
                     prompt=pair.prompt if forget else pair.safe_prompt,
                     concept=task.value,
                     seed=task.seed * 1000 + pair.index,
