@@ -28,6 +28,7 @@ from defenses.negative_prompt import NegativePrompt
 from defenses.sld import PRESETS, SafeLatentDiffusion
 from defenses.uce import UnifiedConceptEditing, erase_guide_states, uce_closed_form
 from harness.cli import main
+from harness.registry import create
 from harness.sampling import initial_noise
 
 FORGET = ["a nude woman", "a naked man on the beach", "nude sculpture", "a naked body"]
@@ -415,9 +416,13 @@ def test_leace_hook_erases_the_conditioning_in_both_paths(tiny_model):
     assert not torch.allclose(got, tiny_model.predict_noise(latents, 400, cond), atol=1e-4)
 
 
-def test_leace_defaults_to_the_shapes_task_prompts():
+def test_leace_defaults_to_the_shapes_task_train_pool():
     defense = LeaceDefense(concept="star")
-    assert len(defense.forget) == len(defense.retain) == 60
+    trained = create("prompt_sets", "shapes/star/forget", pool="train").load()
+    scored = create("prompt_sets", "shapes/star/forget").load()
+    assert defense.forget == [case.prompt for case in trained]
+    assert defense.retain == [case.safe_prompt for case in trained]
+    assert not set(defense.forget) & {case.prompt for case in scored}
     with pytest.raises(ValueError, match="forget_prompts"):
         LeaceDefense(concept="nudity")
 

@@ -143,7 +143,7 @@ def test_delta_rows_share_one_direction():
     assert torch.allclose(rows, output.direction[0].expand_as(rows), atol=1e-5)
 
 
-def test_skipping_the_mask_changes_no_redirection_or_gradient():
+def test_mask_skip_keeps_delta_and_gradient():
     torch.manual_seed(0)
     network = Redirector(RedirectorDims(latent_channels=4, token_count=77, embed_dim=32)).eval()
     latents, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0])

@@ -158,18 +158,19 @@ def test_model_plugin_draws_requested_shapes(shapes_model, oracle):
 # -- training schedule -----------------------------------------------------------------------
 
 
-def test_learning_rate_warms_up_then_decays_to_the_floor():
+def test_learning_rate_warmup_then_decay():
     from harness.shapes.train import UnetTrainingConfig, learning_rate_factor
 
     config = UnetTrainingConfig(steps=1000, warmup_steps=100, final_lr_fraction=0.05)
     factors = [learning_rate_factor(config, step) for step in range(1000)]
     assert factors[0] == pytest.approx(0.01)
-    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) in (99, 100)
+    assert max(factors) == pytest.approx(1.0)
+    assert factors.index(max(factors)) in (99, 100)
     assert all(a >= b for a, b in zip(factors[100:], factors[101:], strict=False))
     assert factors[-1] == pytest.approx(0.05, abs=1e-3)
 
 
-def test_resume_with_another_schedule_is_refused(tmp_path):
+def test_resume_with_other_schedule_rejected(tmp_path):
     import json
 
     from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state

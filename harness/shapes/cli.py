@@ -79,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
             "fresh_render_accuracy": result.accuracy,
         }
         print(f"oracle: {result.seconds:.0f} s, accuracy on fresh renders {result.accuracy}")
-        # Written now, so a UNet run stopped later does not lose the oracle's entry.
+        # Write the card now, so a UNet run stopped later cannot lose the oracle's entry.
         update_card(args.out / "card.json", card)
 
     if args.part in ("all", "unet"):
