@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from harness.prompts.base import PromptSetError
 from harness.registry import create, registry
 from harness.shapes.captions import (
     SHAPE_WORDS,
     SPLITS,
+    STYLE_WORDS,
     all_captions,
     scenes_with_captions,
     words_for,
@@ -244,16 +246,20 @@ def test_train_pool_keeps_forget_retain_pairs():
     assert all(retain[case.case_id].prompt == case.safe_prompt for case in forget)
 
 
-def test_task_prompt_set_rejects_unknown_pool():
-    from harness.prompts.base import PromptSetError
+def test_fixed_replacement_in_every_twin():
+    forget = create("prompt_sets", "shapes/swirl/forget", pool="train", replacement="plain").load()
+    plain_words = STYLE_WORDS["plain"]
+    assert all(any(word in case.safe_prompt for word in plain_words) for case in forget)
+    with pytest.raises(PromptSetError, match="invalid replacement 'swirl'"):
+        create("prompt_sets", "shapes/swirl/forget", replacement="swirl").load()
 
+
+def test_task_prompt_set_rejects_unknown_pool():
     with pytest.raises(PromptSetError, match="invalid pool 'test'"):
         create("prompt_sets", "shapes/star/forget", pool="test").load()
 
 
 def test_task_prompt_set_rejects_unknown_option():
-    from harness.prompts.base import PromptSetError
-
     with pytest.raises(PromptSetError, match="unknown option"):
         create("prompt_sets", "shapes/swirl/forget", path="x.csv").load()
 

@@ -92,12 +92,19 @@ class PromptPair:
 
 
 def prompt_pairs(
-    task: ErasureTask, count: int = CASES_PER_SET, first: int = 0
+    task: ErasureTask, count: int = CASES_PER_SET, first: int = 0,
+    replacement: str | None = None,
 ) -> list[PromptPair]:
     """Build the task's forget/retain pairs with indices `first` .. `first + count - 1`.
 
-    The same arguments give the same list.
+    Each retain twin swaps the concept for the task's other values in turn, or always for
+    `replacement` when given. The same arguments give the same list.
     """
+    if replacement is not None and replacement not in task.replacements:
+        raise ValueError(
+            f"invalid replacement {replacement!r} for task {task.name}; valid: "
+            f"{', '.join(task.replacements)}"
+        )
     pairs = []
     for index in range(first, first + count):
         rng = np.random.default_rng([task.seed, index])
@@ -106,7 +113,9 @@ def prompt_pairs(
         values = {name: values[rng.integers(len(values))] for name, values in _VALUES.items()}
         values[task.attribute] = task.value
         safe_values = dict(values)
-        safe_values[task.attribute] = task.replacements[index % len(task.replacements)]
+        safe_values[task.attribute] = (
+            replacement or task.replacements[index % len(task.replacements)]
+        )
 
         # One word position per attribute, shared by both prompts, so the pair differs only
         # in the concept's word.
@@ -158,15 +167,17 @@ def eval_pool_texts(task: ErasureTask) -> frozenset[str]:
 class ShapesTaskPromptSet(PromptSet):
     """Base of the shapes task prompt sets.
 
-    Options: `pool` ("eval" or "train", see the module docstring), `limit` and `offset`
-    (case counts within the pool).
+    Options: `pool` ("eval" or "train", see the module docstring), `replacement` (one
+    value every retain twin uses, instead of the task's other values in turn; benign sets
+    ignore it), `limit` and `offset` (case counts within the pool).
     """
 
     task: ClassVar[str] = ""
     kind: ClassVar[str] = ""
 
     def load(self) -> list[Case]:
-        check_options(self.name, self.options, required=(), optional=("pool", "limit", "offset"))
+        check_options(self.name, self.options, required=(),
+                      optional=("pool", "replacement", "limit", "offset"))
         pool = self.options.get("pool", "eval")
         if pool not in POOLS:
             raise PromptSetError(
@@ -175,10 +186,18 @@ class ShapesTaskPromptSet(PromptSet):
         task = TASKS[self.task]
         first, count = POOLS[pool]
         excluded = eval_pool_texts(task) if pool != "eval" else frozenset()
-        return select_window(self._cases(task, first, count, excluded), self.options, self.name)
+        replacement = self.options.get("replacement")
+        if replacement is not None and replacement not in task.replacements:
+            raise PromptSetError(
+                f"prompt set {self.name}: invalid replacement {replacement!r}; valid: "
+                f"{', '.join(task.replacements)}"
+            )
+        cases = self._cases(task, first, count, excluded, replacement)
+        return select_window(cases, self.options, self.name)
 
     def _cases(
-        self, task: ErasureTask, first: int, count: int, excluded: frozenset[str]
+        self, task: ErasureTask, first: int, count: int, excluded: frozenset[str],
+        replacement: str | None = None,
     ) -> list[Case]:
         pool = "" if first == 0 else "train-"
         if self.kind == "benign":
@@ -194,7 +213,7 @@ class ShapesTaskPromptSet(PromptSet):
                 if prompt not in excluded
             ]
         cases = []
-        for pair in prompt_pairs(task, count, first):
+        for pair in prompt_pairs(task, count, first, replacement):
             # A pair goes whole: the forget and retain sets of a pool stay aligned.
             if pair.prompt in excluded or pair.safe_prompt in excluded:
                 continue
