@@ -25,7 +25,7 @@ is what runs measure. `train` (indices 1000-1119, with other seeds) is for metho
 fit on prompts: SafeRedir's trajectories, Ring-A-Bell's concept vector, LEACE's
 statistics. A defense or attack fitted on the `eval` pool would be scored on the prompts
 it saw. The train pool drops every pair (forget prompt and retain twin together) and every
-benign prompt whose sentence the eval pool contains, so it holds 110-120 cases per set.
+benign prompt whose sentence the eval pool contains, so it has 110-120 cases per set.
 """
 
 from __future__ import annotations
@@ -167,9 +167,11 @@ def eval_pool_texts(task: ErasureTask) -> frozenset[str]:
 class ShapesTaskPromptSet(PromptSet):
     """Base of the shapes task prompt sets.
 
-    Options: `pool` ("eval" or "train", see the module docstring), `replacement` (one
-    value every retain twin uses, instead of the task's other values in turn; benign sets
-    ignore it), `limit` and `offset` (case counts within the pool).
+    Options:
+    - `pool`: "eval" or "train" (see the module docstring);
+    - `replacement`: one value that every retain twin uses, instead of the task's other
+      values in turn (benign sets ignore it);
+    - `limit` and `offset`: case counts within the pool.
     """
 
     task: ClassVar[str] = ""
