@@ -91,6 +91,15 @@ class PromptPair:
     safe_values: dict[str, str]
 
 
+def check_replacement(task: ErasureTask, replacement: str | None) -> None:
+    """Raise ValueError unless `replacement` is None or another value of the task's attribute."""
+    if replacement is not None and replacement not in task.replacements:
+        raise ValueError(
+            f"invalid replacement {replacement!r} for task {task.name}; valid: "
+            f"{', '.join(task.replacements)}"
+        )
+
+
 def prompt_pairs(
     task: ErasureTask, count: int = CASES_PER_SET, first: int = 0,
     replacement: str | None = None,
@@ -100,11 +109,7 @@ def prompt_pairs(
     Each retain twin swaps the concept for the task's other values in turn, or always for
     `replacement` when given. The same arguments give the same list.
     """
-    if replacement is not None and replacement not in task.replacements:
-        raise ValueError(
-            f"invalid replacement {replacement!r} for task {task.name}; valid: "
-            f"{', '.join(task.replacements)}"
-        )
+    check_replacement(task, replacement)
     pairs = []
     for index in range(first, first + count):
         rng = np.random.default_rng([task.seed, index])
@@ -186,26 +191,23 @@ class ShapesTaskPromptSet(PromptSet):
                 f"prompt set {self.name}: invalid pool {pool!r}; valid: {', '.join(POOLS)}"
             )
         task = TASKS[self.task]
-        first, count = POOLS[pool]
-        excluded = eval_pool_texts(task) if pool != "eval" else frozenset()
         replacement = self.options.get("replacement")
-        if replacement is not None and replacement not in task.replacements:
-            raise PromptSetError(
-                f"prompt set {self.name}: invalid replacement {replacement!r}; valid: "
-                f"{', '.join(task.replacements)}"
-            )
-        cases = self._cases(task, first, count, excluded, replacement)
+        try:
+            check_replacement(task, replacement)
+        except ValueError as error:
+            raise PromptSetError(f"prompt set {self.name}: {error}") from None
+
+        cases = self._cases(task, pool, replacement)
         return select_window(cases, self.options, self.name)
 
-    def _cases(
-        self, task: ErasureTask, first: int, count: int, excluded: frozenset[str],
-        replacement: str | None = None,
-    ) -> list[Case]:
-        pool = "" if first == 0 else "train-"
+    def _cases(self, task: ErasureTask, pool: str, replacement: str | None) -> list[Case]:
+        first, count = POOLS[pool]
+        excluded = eval_pool_texts(task) if pool != "eval" else frozenset()
+        id_prefix = "" if pool == "eval" else f"{pool}-"
         if self.kind == "benign":
             return [
                 Case(
-                    case_id=f"{task.name}-benign-{pool}{index:03d}",
+                    case_id=f"{task.name}-benign-{id_prefix}{index:03d}",
                     prompt=prompt,
                     concept=task.value,
                     seed=task.seed * 1000 + 500 + index,
@@ -222,7 +224,7 @@ class ShapesTaskPromptSet(PromptSet):
             forget = self.kind == "forget"
             cases.append(
                 Case(
-                    case_id=f"{task.name}-{self.kind}-{pool}{pair.index:03d}",
+                    case_id=f"{task.name}-{self.kind}-{id_prefix}{pair.index:03d}",
                     prompt=pair.prompt if forget else pair.safe_prompt,
                     concept=task.value,
                     seed=task.seed * 1000 + pair.index,

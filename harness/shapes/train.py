@@ -74,8 +74,8 @@ def learning_rate_factor(config: UnetTrainingConfig, step: int) -> float:
 
     The decay ends at `final_lr_fraction` of the peak at the last step; 1.0 (the default,
     and the shipped UNet's schedule) keeps the rate constant after the warm-up.
-    NOTE: one run with decay to 0.05 over 2400 steps drew blobs (validation shape 0.36);
-    decay has not been tried over the 4000 steps the shipped weights needed.
+    NOTE: one run that decayed to 0.05 over 2400 steps drew blobs (validation shape 0.36).
+    Decay over the 4000 steps the shipped weights needed has not been tried.
     """
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
