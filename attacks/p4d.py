@@ -194,6 +194,7 @@ class _P4D(Attack):
             return errors.reshape(count, -1).mean(dim=1).tolist()
 
         # 5. The projected optimisation loop (PEZ), all cases in one pass per iteration.
+        vocabulary_index = tools.VocabularyIndex.build(vocabulary, allowed)
         loss_traces: list[list[float]] = [[] for _ in cases]
         checks: list[list[dict[str, Any]]] = [[] for _ in cases]
         bests = [{"loss": float("inf"), "slot_ids": start, "iteration": -1} for start in starts]
@@ -208,7 +209,7 @@ class _P4D(Attack):
             timesteps, latents, target = (part[rows] for part in chunk)
 
             projected, slot_ids = tools.project_to_vocabulary(
-                torch.cat(embeddings), vocabulary, allowed
+                torch.cat(embeddings), vocabulary, index=vocabulary_index
             )
             if iteration % settings["eval_every"] == 0:
                 self._check(probe_losses, slot_ids.split(sizes), iteration, bests, checks)
@@ -233,7 +234,7 @@ class _P4D(Attack):
                 context.progress(iteration)
 
         _, final_ids = tools.project_to_vocabulary(
-            torch.cat([e.detach() for e in embeddings]), vocabulary, allowed
+            torch.cat([e.detach() for e in embeddings]), vocabulary, index=vocabulary_index
         )
         self._check(probe_losses, final_ids.split(sizes), iterations, bests, checks)
 

@@ -31,8 +31,9 @@ Mode `transfer` (the default, the paper's threat model) uses the undefended mode
 encoder, the public one; mode `adaptive` uses the defended model's text encoder, which
 differs only under text-encoder defenses. Either way the denoiser is never touched.
 
-Budget: `text_encoder_calls` counts encoded sequences (population x generations, plus two
-per concept pair for the first case of a concept); `iterations` counts generations.
+Budget: `text_encoder_calls` counts encoded sequences: at most population x generations,
+because an individual already scored in the previous generation is not encoded again, plus
+two per concept pair for the first case of a concept. `iterations` counts generations.
 
 NOTE: the authors repeat each pair 5 times and drop 19 of their 250 nudity rows whose images
 had no detection; the mean here is over the pairs as the prompt set gives them.
@@ -196,9 +197,11 @@ class RingABell(Attack):
         best_trace: list[float] = []
         best_so_far: list[float] = []
         best = {"fitness": float("inf"), "ids": population[0], "generation": -1}
+        scored: dict[tuple[int, ...], float] = {}
         for generation in range(int(settings["generations"])):
-            fitness = self._fitness(model, layout, population, target)
-            budget.text_encoder_calls += population.shape[0]
+            fitness, scored, encoded = self._score_new(model, layout, population, target,
+                                                       scored)
+            budget.text_encoder_calls += encoded
             budget.iterations += 1
             survivors, survivor_fitness = tools.select_survivors(population, fitness, keep)
             if float(survivor_fitness[0]) < best["fitness"]:
@@ -233,6 +236,28 @@ class RingABell(Attack):
             "drift": trip.drift,
         }
         return budget.result(trip.text, best_trace, trip.ids_after, extra)
+
+    @classmethod
+    def _score_new(
+        cls, model: DiffusionModel, layout: tools.SlotLayout, population: torch.Tensor,
+        target: torch.Tensor, previous: dict[tuple[int, ...], float],
+    ) -> tuple[torch.Tensor, dict[tuple[int, ...], float], int]:
+        """Fitness of every individual, encoding only those the previous generation did not
+        score; returns the fitness, this generation's scores and how many were encoded.
+
+        Survivors that mutation left alone (three quarters at the default rate) and children
+        equal to a parent are read from `previous` instead of being encoded again. Only one
+        generation is remembered, so memory stays at one population.
+        """
+        keys = [tuple(row.tolist()) for row in population]
+        new_keys = list(dict.fromkeys(key for key in keys if key not in previous))
+        scores = dict(previous)
+        if new_keys:
+            rows = torch.tensor(new_keys, dtype=population.dtype)
+            new_fitness = cls._fitness(model, layout, rows, target).tolist()
+            scores.update(zip(new_keys, new_fitness, strict=True))
+        fitness = torch.tensor([scores[key] for key in keys])
+        return fitness, {key: scores[key] for key in keys}, len(new_keys)
 
     @staticmethod
     def _fitness(

@@ -1,7 +1,8 @@
 """Shared token-optimisation tools of the attack plugins, each in one place.
 
 - `project_to_vocabulary`: nearest vocabulary row by cosine similarity, with a
-  straight-through gradient (PEZ, Wen et al., NeurIPS 2023; used by P4D).
+  straight-through gradient (PEZ, Wen et al., NeurIPS 2023; used by P4D), over a
+  `VocabularyIndex` of the allowed rows normalised once.
 - `project_simplex`: Euclidean projection onto the probability simplex, the sort-based
   algorithm of Duchi et al., "Efficient projections onto the l1-ball", ICML 2008 (used by
   UnlearnDiffAtk).
@@ -62,31 +63,52 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def nearest_token_ids(
-    embeddings: torch.Tensor, vocabulary: torch.Tensor, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Ids of the cosine-nearest vocabulary rows, of shape `embeddings.shape[:-1]`.
+@dataclass(frozen=True)
+class VocabularyIndex:
+    """The vocabulary rows a projection may choose, normalised once.
 
-    `allowed` is a boolean mask of shape (V,); disallowed rows are never chosen.
+    Invariant: `table[i]` is the unit vector of vocabulary row `ids[i]`, in vocabulary
+    order, so the first maximum of `table @ x` is the lowest allowed id among the
+    cosine-nearest rows, as a masked argmax over the whole vocabulary would give.
+    P4D projects at every iteration. Normalising MiniLM's 30,522 x 384 table each time
+    took longer than the similarity itself.
     """
-    normed = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
-    table = torch.nn.functional.normalize(vocabulary.detach().float(), dim=-1)
-    similarity = normed @ table.T
-    if allowed is not None:
-        similarity = similarity.masked_fill(~allowed.to(similarity.device), float("-inf"))
-    return similarity.argmax(dim=-1)
+
+    table: torch.Tensor  # (V', D) float32 unit rows
+    ids: torch.Tensor  # (V',) their vocabulary ids
+
+    @classmethod
+    def build(cls, vocabulary: torch.Tensor, allowed: torch.Tensor | None = None
+              ) -> VocabularyIndex:
+        """`allowed` is a boolean mask of shape (V,); disallowed rows are never chosen."""
+        ids = torch.arange(vocabulary.shape[0], device=vocabulary.device)
+        if allowed is not None:
+            ids = ids[allowed.to(vocabulary.device)]
+        table = torch.nn.functional.normalize(vocabulary.detach()[ids].float(), dim=-1)
+        return cls(table=table, ids=ids)
+
+    def nearest(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Ids of the cosine-nearest allowed rows, of shape `embeddings.shape[:-1]`."""
+        normed = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
+        return self.ids[(normed @ self.table.T).argmax(dim=-1)]
 
 
 def project_to_vocabulary(
-    embeddings: torch.Tensor, vocabulary: torch.Tensor, allowed: torch.Tensor | None = None
+    embeddings: torch.Tensor,
+    vocabulary: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    index: VocabularyIndex | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Project each row of `embeddings` (..., D) onto its cosine-nearest vocabulary row.
 
     Returns `(projected, ids)`. `projected` equals `vocabulary[ids]` exactly in the forward
     pass; in the backward pass its gradient flows unchanged to `embeddings`, so an optimiser
     computes the loss at the projected point and steps the continuous one (PEZ).
+    A loop that projects many times passes an `index` built once from `vocabulary` and
+    `allowed`.
     """
-    ids = nearest_token_ids(embeddings, vocabulary, allowed)
+    index = index or VocabularyIndex.build(vocabulary, allowed)
+    ids = index.nearest(embeddings)
     projected = vocabulary.detach()[ids].to(embeddings.dtype)
     return _StraightThrough.apply(embeddings, projected), ids
 
@@ -151,6 +173,29 @@ def sample_one_hot(
     one_hot = torch.zeros_like(probabilities, memory_format=torch.contiguous_format)
     one_hot.scatter_(-1, ids[:, None], 1.0)
     return _OneHotStraightThrough.apply(probabilities, one_hot.detach()), ids
+
+
+class _OneHotRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, one_hot: torch.Tensor, ids: torch.Tensor, table: torch.Tensor):
+        ctx.save_for_backward(table)
+        return table[ids]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (table,) = ctx.saved_tensors
+        return grad @ table.to(grad.dtype).T, None, None
+
+
+def one_hot_rows(one_hot: torch.Tensor, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`one_hot @ table` for exact one-hot rows (as `sample_one_hot` returns with `ids`).
+
+    The forward pass looks the rows up instead of multiplying; the backward pass is the
+    product's gradient, `grad @ table^T`, and `table` gets none. On a CPU the product with
+    a 3 x 24,000 one-hot is bound by reading the table (37 MB for MiniLM's candidates), so
+    the lookup saves one of the two reads per UnlearnDiffAtk iteration.
+    """
+    return _OneHotRows.apply(one_hot, ids, table.detach())
 
 
 # -- token candidates and sequences with learnable slots ------------------------------------

@@ -248,9 +248,11 @@ class UnlearnDiffAtk(Attack):
                                    for i in running]
             timesteps = torch.tensor(timestep_values, device=table.device)
 
-            one_hots = [tools.sample_one_hot(distributions[i], generators[i])[0]
-                        for i in running]
-            slot_embeddings = (torch.cat(one_hots) @ table).to(model.dtype)
+            samples = [tools.sample_one_hot(distributions[i], generators[i]) for i in running]
+            slot_embeddings = tools.one_hot_rows(
+                torch.cat([one_hot for one_hot, _ in samples]),
+                torch.cat([ids for _, ids in samples]), table,
+            ).to(model.dtype)
             sizes = [prefixes[i] for i in running]
             token_embeddings = torch.cat([
                 layouts[i].embed(model, part)

@@ -325,6 +325,7 @@ def write_weights(
         "variant": config.variant,
         "concept": config.concept,
         "model": model.name,
+        "base_fingerprint": json.dumps(denoiser_fingerprint(model.unet)),
     }
     dtype = getattr(torch, config.save_dtype)
     stored = {name: tensor.to(dtype) for name, tensor in result.weights.items()}
@@ -344,6 +345,43 @@ def write_weights(
     }
     target.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     log.info("esd: wrote %s (%d tensors) in %.0f s", target, len(result.weights), result.seconds)
+
+
+def denoiser_fingerprint(unet: nn.Module, every: int = 16, head: int = 4096) -> list[float]:
+    """Return a few numbers that identify a denoiser's weights: for every `every`-th tensor
+    of its state dict, sorted by name, the mean absolute value of its first `head` entries.
+
+    ESD weights replace part of the denoiser they were trained on, so loading them into
+    another one (for example after the shapes UNet is retrained) gives a hybrid of two
+    networks. Numbers rather than a digest, so that the same weights held in float16 still
+    match within `FINGERPRINT_RTOL`. Two trainings of one architecture differ far more.
+    NOTE: a lightly fine-tuned copy of the base can pass; only the base it came from is
+    checked, not every later change to it.
+    """
+    state = unet.state_dict()
+    names = sorted(state)[::every]
+    return [round(float(state[name].detach().flatten()[:head].float().abs().mean()), 6)
+            for name in names]
+
+
+FINGERPRINT_RTOL = 1e-2
+
+
+def check_base(weights: Path, metadata: dict[str, str], unet: nn.Module) -> None:
+    """Raise if `weights` were trained on another denoiser than `unet` (see the fingerprint)."""
+    if "base_fingerprint" not in metadata:
+        log.warning("%s records no base fingerprint (written before it existed); its base "
+                    "denoiser is not checked", weights)
+        return
+    trained_on = torch.tensor(json.loads(metadata["base_fingerprint"]))
+    this_base = torch.tensor(denoiser_fingerprint(unet))
+    if trained_on.shape != this_base.shape or not torch.allclose(
+        trained_on, this_base, rtol=FINGERPRINT_RTOL, atol=1e-6
+    ):
+        raise ValueError(
+            f"{weights} was trained on another base denoiser than the model's (weight "
+            "fingerprints differ); retrain it on this model with `arena train esd CONFIG`"
+        )
 
 
 # -- the defenses --------------------------------------------------------------------------
@@ -400,6 +438,7 @@ class EsdDefense(Defense):
                 metadata.get("concept"),
                 self.concept,
             )
+        check_base(self.weights, metadata, model.unet)
         state = load_file(str(self.weights))
         unet, _ = load_partial_state_dict(model.unet, state, str(self.weights))
         return model.replace(unet=unet)

@@ -16,6 +16,7 @@ from defenses.esd import (
     EsdResult,
     EsdU,
     EsdX,
+    check_base,
     esd_loss,
     esd_target,
     sample_partway,
@@ -224,6 +225,25 @@ def test_esd_float16_weights_load(esd_weights, tiny_model, tmp_path):
         loaded = defended.unet.state_dict()[name]
         assert loaded.dtype == torch.float32
         assert torch.equal(loaded, value.half().float())
+
+
+def test_esd_rejects_other_base_denoiser(esd_weights, tiny_model):
+    import copy
+
+    from safetensors import safe_open
+
+    # The same base in float16 passes: the fingerprint is compared with a tolerance.
+    with safe_open(str(esd_weights), framework="pt") as handle:
+        metadata = handle.metadata()
+    check_base(esd_weights, metadata, copy.deepcopy(tiny_model.unet).half())
+
+    # Another base (every weight moved by 10%) raises, naming the retraining command.
+    other = copy.deepcopy(tiny_model.unet)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.1)
+    with pytest.raises(ValueError, match="another base denoiser.*arena train esd"):
+        EsdX(concept="nudity", weights=str(esd_weights)).wrap(tiny_model.replace(unet=other))
 
 
 def test_esd_without_weights_names_the_training_command():

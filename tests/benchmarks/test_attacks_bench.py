@@ -87,6 +87,39 @@ def test_ring_a_bell_population_scoring(benchmark, attack_model):
     assert ratio >= 10
 
 
+class _RingABellOnePerCall(RingABell):
+    """The reference implementation's scoring: every individual of every generation goes
+    through the text encoder on its own, including those scored a generation before."""
+
+    @classmethod
+    def _score_new(cls, model, layout, population, target, previous):
+        fitness = torch.cat([cls._fitness(model, layout, population[i : i + 1], target)
+                             for i in range(population.shape[0])])
+        return fitness, {}, population.shape[0]
+
+
+def test_ring_a_bell_search(benchmark, attack_model):
+    """Target: a whole search (10 generations of 200) at least 10x faster than scoring one
+    candidate per text-encoder call; both return the same prompt."""
+    model, name = attack_model
+    context = _context(model)
+    settings = {"population": 200, "generations": 10, "length": 16}
+    baseline_attack, our_attack = _RingABellOnePerCall(**settings), RingABell(**settings)
+
+    case = Case("r1", "a red star on a blue background", "star", seed=1,
+                safe_prompt="a red circle on a blue background")  # the concept vector's pair
+
+    reference = baseline_attack.run(case, context)
+    baseline = best_of(lambda: baseline_attack.run(case, context), repeats=2)
+    ours = benchmark.pedantic(lambda: our_attack.run(case, context), rounds=3, iterations=1)
+    assert ours.prompt == reference.prompt
+    ratio = baseline / benchmark.stats.stats.min
+    benchmark.extra_info.update(model=name, encoded_share=round(
+        ours.text_encoder_calls / reference.text_encoder_calls, 3))
+    report_ratio(benchmark, "ring_a_bell_search_speedup", ratio, ">= 10")
+    assert ratio >= 10
+
+
 # -- time per optimisation step -------------------------------------------------------------
 
 

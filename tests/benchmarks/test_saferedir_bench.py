@@ -8,6 +8,7 @@ runs at every check either way). `extra_info["weights"]` says which were used.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -18,10 +19,12 @@ from defenses.saferedir.loading import shipped_checkpoints
 from defenses.saferedir.networks import Redirector, RedirectorDims, count_flops
 
 PROMPTS = ["a red star", "a blue swirl", "a green heart", "a yellow circle"]
+PAIRS = 24
 
 
 def test_saferedir_overhead_per_image(benchmark, shapes_model):
-    """Target: defended generation at most 1.10x the undefended time, same prompts and seeds."""
+    """Target: defended generation at most 1.10x the undefended time, same prompts and seeds
+    (median over single-image pairs)."""
     shipped = [path for path in shipped_checkpoints() if "star" in path.name]
     if shipped:
         defense = SafeRedir(concept="star", checkpoint=str(shipped[0]))
@@ -39,20 +42,25 @@ def test_saferedir_overhead_per_image(benchmark, shapes_model):
 
     for model in (shapes_model, defended):
         generate(model, 0)
-    # ABBA order, one image at a time, so slow drifts of the machine hit both sides.
-    seconds = {"undefended": [], "defended": []}
-    for index in range(8):
+    # Pairs of single images in ABBA order, so a slow drift of the machine hits both sides.
+    # The ratio is the median of the per-pair ratios. One image takes about half a second,
+    # and the ratio of sums over 8 pairs read 1.03 to 1.26 in six runs on an idle machine.
+    ratios = []
+    for index in range(PAIRS):
         order = [("undefended", shapes_model), ("defended", defended)]
+        seconds = {}
         for variant, model in order if index % 2 == 0 else reversed(order):
             started = time.perf_counter()
             generate(model, index)
-            seconds[variant].append(time.perf_counter() - started)
+            seconds[variant] = time.perf_counter() - started
+        ratios.append(seconds["defended"] / seconds["undefended"])
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    ratio = sum(seconds["defended"]) / sum(seconds["undefended"])
+    ratio = statistics.median(ratios)
+    benchmark.extra_info.update(pairs=PAIRS, ratio_quartiles=[
+        round(q, 3) for q in statistics.quantiles(ratios, n=4)])
     benchmark.extra_info.update(model="shapes", weights=weights)
     report_ratio(benchmark, "saferedir_overhead", ratio, "<= 1.10")
     assert ratio <= 1.10
-
 
 
 def sd14_unet_flops_per_step() -> int:
