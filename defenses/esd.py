@@ -368,19 +368,27 @@ FINGERPRINT_RTOL = 1e-2
 
 
 def check_base(weights: Path, metadata: dict[str, str], unet: nn.Module) -> None:
-    """Raise if `weights` were trained on another denoiser than `unet` (see the fingerprint)."""
-    if "base_fingerprint" not in metadata:
-        log.warning("%s records no base fingerprint (written before it existed); its base "
-                    "denoiser is not checked", weights)
+    """Raise if `weights` were trained on another denoiser than `unet` (see the fingerprint).
+
+    The fingerprint is read from the file's metadata, else from its JSON card: weights
+    written before the fingerprint existed carry it in the card only.
+    """
+    recorded = metadata.get("base_fingerprint")
+    card = weights.with_suffix(".json")
+    if recorded is None and card.is_file():
+        recorded = json.loads(card.read_text(encoding="utf-8")).get("base_fingerprint")
+    if recorded is None:
+        log.warning("%s records no base fingerprint, so its base denoiser is not checked "
+                    "(weights written before the fingerprint existed)", weights)
         return
-    trained_on = torch.tensor(json.loads(metadata["base_fingerprint"]))
+    trained_on = torch.tensor(json.loads(recorded) if isinstance(recorded, str) else recorded)
     this_base = torch.tensor(denoiser_fingerprint(unet))
     if trained_on.shape != this_base.shape or not torch.allclose(
         trained_on, this_base, rtol=FINGERPRINT_RTOL, atol=1e-6
     ):
         raise ValueError(
-            f"{weights} was trained on another base denoiser than the model's (weight "
-            "fingerprints differ); retrain it on this model with `arena train esd CONFIG`"
+            f"{weights} was trained on another base denoiser than the model's: the weight "
+            "fingerprints differ. Retrain it on this model with `arena train esd CONFIG`"
         )
 
 

@@ -246,6 +246,29 @@ def test_esd_rejects_other_base_denoiser(esd_weights, tiny_model):
         EsdX(concept="nudity", weights=str(esd_weights)).wrap(tiny_model.replace(unet=other))
 
 
+def test_esd_base_fingerprint_read_from_card(esd_weights, tiny_model, tmp_path):
+    import copy
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(esd_weights), framework="pt") as handle:
+        metadata = handle.metadata()
+    card = json.loads(esd_weights.with_suffix(".json").read_text())
+    card["base_fingerprint"] = json.loads(metadata.pop("base_fingerprint"))
+    older = tmp_path / esd_weights.name  # as written before the metadata had a fingerprint
+    save_file(load_file(str(esd_weights)), str(older), metadata=metadata)
+    older.with_suffix(".json").write_text(json.dumps(card))
+
+    check_base(older, metadata, tiny_model.unet)
+    other = copy.deepcopy(tiny_model.unet)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.1)
+    with pytest.raises(ValueError, match="another base denoiser"):
+        check_base(older, metadata, other)
+
+
 def test_esd_without_weights_names_the_training_command():
     with pytest.raises(FileNotFoundError, match="arena train esd"):
         EsdX(concept="a concept nobody trained")

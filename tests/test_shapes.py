@@ -289,3 +289,16 @@ def test_quality_matches_model_card():
     for task, numbers in card["tasks"].items():
         for key, value in numbers.items():
             assert report["tasks"][task][key] == pytest.approx(value, abs=0.02), (task, key)
+
+
+@pytest.mark.parametrize("variant", ["esd-x", "esd-u"])
+def test_shipped_esd_weights_match_shipped_unet(shapes_model, variant):
+    from defenses.esd import WEIGHTS_DIR, check_base
+
+    for task in TASKS:
+        weights = WEIGHTS_DIR / f"{variant}-{task}.safetensors"
+        check_base(weights, {}, shapes_model.unet)  # the card's fingerprint, no metadata
+
+    other = shapes_model.unet.__class__.from_config(shapes_model.unet.config)
+    with pytest.raises(ValueError, match="another base denoiser"):
+        check_base(WEIGHTS_DIR / f"{variant}-star.safetensors", {}, other)
