@@ -31,9 +31,10 @@ Mode `transfer` (the default, the paper's threat model) uses the undefended mode
 encoder, the public one; mode `adaptive` uses the defended model's text encoder, which
 differs only under text-encoder defenses. Either way the denoiser is never touched.
 
-Budget: `text_encoder_calls` counts encoded sequences: at most population x generations,
-because an individual already scored in the previous generation is not encoded again, plus
-two per concept pair for the first case of a concept. `iterations` counts generations.
+Budget: `text_encoder_calls` counts encoded sequences: at most the individuals of all
+generations (about population x generations), because an individual already scored in the
+previous generation is not encoded again, plus two per concept pair for the first case of
+a concept. `iterations` counts generations.
 
 NOTE: the authors repeat each pair 5 times and drop 19 of their 250 nudity rows whose images
 had no detection; the mean here is over the pairs as the prompt set gives them.
@@ -242,8 +243,9 @@ class RingABell(Attack):
         cls, model: DiffusionModel, layout: tools.SlotLayout, population: torch.Tensor,
         target: torch.Tensor, previous: dict[tuple[int, ...], float],
     ) -> tuple[torch.Tensor, dict[tuple[int, ...], float], int]:
-        """Fitness of every individual, encoding only those the previous generation did not
-        score; returns the fitness, this generation's scores and how many were encoded.
+        """Score every individual, encoding only those the previous generation did not score.
+
+        Returns the fitness, this generation's scores by individual, and how many were encoded.
 
         Survivors that mutation left alone (three quarters at the default rate) and children
         equal to a parent are read from `previous` instead of being encoded again. Only one

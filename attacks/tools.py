@@ -69,7 +69,8 @@ class VocabularyIndex:
 
     Invariant: `table[i]` is the unit vector of vocabulary row `ids[i]`, in vocabulary
     order, so the first maximum of `table @ x` is the lowest allowed id among the
-    cosine-nearest rows, as a masked argmax over the whole vocabulary would give.
+    cosine-nearest rows, as a masked argmax over the whole vocabulary would give (up to
+    rounding of the matrix product, which may differ in the last bit).
     P4D projects at every iteration. Normalising MiniLM's 30,522 x 384 table each time
     took longer than the similarity itself.
     """
@@ -105,7 +106,7 @@ def project_to_vocabulary(
     pass; in the backward pass its gradient flows unchanged to `embeddings`, so an optimiser
     computes the loss at the projected point and steps the continuous one (PEZ).
     A loop that projects many times passes an `index` built once from `vocabulary` and
-    `allowed`.
+    `allowed`; `allowed` is then not read again.
     """
     index = index or VocabularyIndex.build(vocabulary, allowed)
     ids = index.nearest(embeddings)

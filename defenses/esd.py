@@ -354,7 +354,8 @@ def denoiser_fingerprint(unet: nn.Module, every: int = 16, head: int = 4096) -> 
     ESD weights replace part of the denoiser they were trained on, so loading them into
     another one (for example after the shapes UNet is retrained) gives a hybrid of two
     networks. Numbers rather than a digest, so that the same weights held in float16 still
-    match within `FINGERPRINT_RTOL`. Two trainings of one architecture differ far more.
+    match within `FINGERPRINT_RTOL`. Two trainings of one architecture differ by more than
+    that in many of the numbers.
     NOTE: a lightly fine-tuned copy of the base can pass; only the base it came from is
     checked, not every later change to it.
     """
@@ -371,12 +372,16 @@ def check_base(weights: Path, metadata: dict[str, str], unet: nn.Module) -> None
     """Raise if `weights` were trained on another denoiser than `unet` (see the fingerprint).
 
     The fingerprint is read from the file's metadata, else from its JSON card: weights
-    written before the fingerprint existed carry it in the card only.
+    written before the fingerprint existed carry it in the card only. A card counts only
+    when its `sha256` is that of the weights file, so a stale card is never trusted.
     """
     recorded = metadata.get("base_fingerprint")
-    card = weights.with_suffix(".json")
-    if recorded is None and card.is_file():
-        recorded = json.loads(card.read_text(encoding="utf-8")).get("base_fingerprint")
+    card_path = weights.with_suffix(".json")
+    if recorded is None and card_path.is_file():
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        if isinstance(card, dict) and card.get("sha256") == digest:
+            recorded = card.get("base_fingerprint")
     if recorded is None:
         log.warning("%s records no base fingerprint, so its base denoiser is not checked "
                     "(weights written before the fingerprint existed)", weights)

@@ -441,7 +441,7 @@ def test_ring_a_bell_best_fitness_never_worse(tiny_model):
     assert all(later <= earlier for earlier, later in zip(best, best[1:], strict=False))
     assert best[-1] < best[0]
     assert result.extra["concept_vector"] == {"pairs": 1, "source": "the attacked cases"}
-    assert 10 < result.text_encoder_calls <= 6 * 10  # repeated individuals are not re-encoded
+    assert result.text_encoder_calls > 10  # test_ring_a_bell_encodes_each_individual_once counts
     assert result.denoiser_calls == 0
     assert result.extra["mode"] == "transfer"
 

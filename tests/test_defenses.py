@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -258,6 +259,7 @@ def test_esd_base_fingerprint_read_from_card(esd_weights, tiny_model, tmp_path):
     card["base_fingerprint"] = json.loads(metadata.pop("base_fingerprint"))
     older = tmp_path / esd_weights.name  # as written before the metadata had a fingerprint
     save_file(load_file(str(esd_weights)), str(older), metadata=metadata)
+    card["sha256"] = hashlib.sha256(older.read_bytes()).hexdigest()
     older.with_suffix(".json").write_text(json.dumps(card))
 
     check_base(older, metadata, tiny_model.unet)
@@ -267,6 +269,11 @@ def test_esd_base_fingerprint_read_from_card(esd_weights, tiny_model, tmp_path):
             parameter.mul_(1.1)
     with pytest.raises(ValueError, match="another base denoiser"):
         check_base(older, metadata, other)
+
+    # A card whose digest is not the file's (a stale card) is not read.
+    card["sha256"] = "0" * 64
+    older.with_suffix(".json").write_text(json.dumps(card))
+    check_base(older, metadata, other)
 
 
 def test_esd_without_weights_names_the_training_command():
