@@ -81,7 +81,8 @@ class VocabularyIndex:
     @classmethod
     def build(cls, vocabulary: torch.Tensor, allowed: torch.Tensor | None = None
               ) -> VocabularyIndex:
-        """`allowed` is a boolean mask of shape (V,); disallowed rows are never chosen."""
+        """Build the index of `vocabulary`'s rows that `allowed` (a boolean mask of shape
+        (V,), or None for all) lets a projection choose."""
         ids = torch.arange(vocabulary.shape[0], device=vocabulary.device)
         if allowed is not None:
             ids = ids[allowed.to(vocabulary.device)]
@@ -89,7 +90,7 @@ class VocabularyIndex:
         return cls(table=table, ids=ids)
 
     def nearest(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Ids of the cosine-nearest allowed rows, of shape `embeddings.shape[:-1]`."""
+        """Return the ids of the cosine-nearest allowed rows, of shape `embeddings.shape[:-1]`."""
         normed = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
         return self.ids[(normed @ self.table.T).argmax(dim=-1)]
 
@@ -189,9 +190,10 @@ class _OneHotRows(torch.autograd.Function):
 
 
 def one_hot_rows(one_hot: torch.Tensor, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """`one_hot @ table` for exact one-hot rows (as `sample_one_hot` returns with `ids`).
+    """Compute `one_hot @ table` for exact one-hot rows, as `sample_one_hot` returns them
+    with their `ids`.
 
-    The forward pass looks the rows up instead of multiplying; the backward pass is the
+    The forward pass looks the rows up instead of multiplying. The backward pass is the
     product's gradient, `grad @ table^T`, and `table` gets none. On a CPU the product with
     a 3 x 24,000 one-hot is bound by reading the table (37 MB for MiniLM's candidates), so
     the lookup saves one of the two reads per UnlearnDiffAtk iteration.

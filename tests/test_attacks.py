@@ -102,7 +102,7 @@ def test_vocabulary_index_matches_masked_argmax():
     assert index.nearest(embeddings)[-1] == 5
 
 
-def test_one_hot_rows_equals_the_product():
+def test_one_hot_rows_equals_product():
     generator = torch.Generator().manual_seed(0)
     table = torch.randn(50, 6, generator=generator)
     probabilities = torch.softmax(torch.randn(4, 50, generator=generator), dim=-1)
@@ -441,12 +441,12 @@ def test_ring_a_bell_best_fitness_never_worse(tiny_model):
     assert all(later <= earlier for earlier, later in zip(best, best[1:], strict=False))
     assert best[-1] < best[0]
     assert result.extra["concept_vector"] == {"pairs": 1, "source": "the attacked cases"}
-    assert result.text_encoder_calls > 10  # test_ring_a_bell_encodes_each_individual_once counts
+    assert result.text_encoder_calls > 10  # test_ring_a_bell_encodes_individuals_once counts
     assert result.denoiser_calls == 0
     assert result.extra["mode"] == "transfer"
 
 
-def test_ring_a_bell_encodes_each_individual_once(tiny_model):
+def test_ring_a_bell_encodes_individuals_once(tiny_model):
     layout = tools.build_layout(tiny_model, free_tokens=4)
     candidates = torch.nonzero(tools.candidate_token_mask(tiny_model).cpu()).squeeze(-1)
     generator = torch.Generator().manual_seed(0)

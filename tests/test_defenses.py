@@ -228,6 +228,17 @@ def test_esd_float16_weights_load(esd_weights, tiny_model, tmp_path):
         assert torch.equal(loaded, value.half().float())
 
 
+def _scaled_copy(unet: torch.nn.Module, factor: float = 1.1) -> torch.nn.Module:
+    """Return a copy of `unet` with every weight times `factor`: another base denoiser."""
+    import copy
+
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(factor)
+    return other
+
+
 def test_esd_rejects_other_base_denoiser(esd_weights, tiny_model):
     import copy
 
@@ -239,17 +250,12 @@ def test_esd_rejects_other_base_denoiser(esd_weights, tiny_model):
     check_base(esd_weights, metadata, copy.deepcopy(tiny_model.unet).half())
 
     # Another base (every weight moved by 10%) raises, naming the retraining command.
-    other = copy.deepcopy(tiny_model.unet)
-    with torch.no_grad():
-        for parameter in other.parameters():
-            parameter.mul_(1.1)
+    other = _scaled_copy(tiny_model.unet)
     with pytest.raises(ValueError, match="another base denoiser.*arena train esd"):
         EsdX(concept="nudity", weights=str(esd_weights)).wrap(tiny_model.replace(unet=other))
 
 
 def test_esd_base_fingerprint_read_from_card(esd_weights, tiny_model, tmp_path):
-    import copy
-
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -263,10 +269,7 @@ def test_esd_base_fingerprint_read_from_card(esd_weights, tiny_model, tmp_path):
     older.with_suffix(".json").write_text(json.dumps(card))
 
     check_base(older, metadata, tiny_model.unet)
-    other = copy.deepcopy(tiny_model.unet)
-    with torch.no_grad():
-        for parameter in other.parameters():
-            parameter.mul_(1.1)
+    other = _scaled_copy(tiny_model.unet)
     with pytest.raises(ValueError, match="another base denoiser"):
         check_base(older, metadata, other)
 

@@ -292,7 +292,7 @@ def test_quality_matches_model_card():
 
 
 @pytest.mark.parametrize("variant", ["esd-x", "esd-u"])
-def test_shipped_esd_weights_match_shipped_unet(shapes_model, variant):
+def test_shipped_esd_matches_shipped_unet(shapes_model, variant):
     from defenses.esd import WEIGHTS_DIR, check_base
 
     for task in TASKS:

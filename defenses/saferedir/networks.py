@@ -266,7 +266,7 @@ class Redirector(nn.Module):
     None and each delta row is the shared direction v. The inference rule normalises every
     row, which cancels the gate and mask (positive per-token factors), so for it the two
     calls give the same redirection. That saves 44% of a call's FLOPs with the narrow widths
-of the shipped shapes checkpoints, and 4% with the released widths.
+    of the shipped shapes checkpoints, and 4% with the released widths.
     """
 
     def __init__(self, dims: RedirectorDims) -> None:

@@ -61,6 +61,12 @@ def _never(images, case) -> list[bool]:
 # -- Ring-A-Bell ----------------------------------------------------------------------------
 
 
+def _score_one_per_call(model, layout, population, target) -> torch.Tensor:
+    """Compute Ring-A-Bell's fitness with one text-encoder call per individual (the baseline)."""
+    return torch.cat([RingABell._fitness(model, layout, population[i : i + 1], target)
+                      for i in range(population.shape[0])])
+
+
 def test_ring_a_bell_population_scoring(benchmark, attack_model):
     """Target: one text-encoder pass for a population of 200 at least 10x faster than 200."""
     model, name = attack_model
@@ -73,8 +79,7 @@ def test_ring_a_bell_population_scoring(benchmark, attack_model):
         target = model.encode_prompts([CASES[0].prompt])[0][0].float()
 
     def one_per_call():
-        return torch.cat([RingABell._fitness(model, layout, population[i : i + 1], target)
-                          for i in range(population.shape[0])])
+        return _score_one_per_call(model, layout, population, target)
 
     looped = one_per_call()
     baseline = best_of(one_per_call, repeats=2)
@@ -93,9 +98,7 @@ class _RingABellOnePerCall(RingABell):
 
     @classmethod
     def _score_new(cls, model, layout, population, target, previous):
-        fitness = torch.cat([cls._fitness(model, layout, population[i : i + 1], target)
-                             for i in range(population.shape[0])])
-        return fitness, {}, population.shape[0]
+        return _score_one_per_call(model, layout, population, target), {}, population.shape[0]
 
 
 def test_ring_a_bell_search(benchmark, attack_model):
