@@ -172,6 +172,49 @@ def test_learning_rate_warmup_then_decay():
     assert factors[-1] == pytest.approx(0.05, abs=1e-3)
 
 
+def test_min_snr_weights_cap_clean_timesteps():
+    from diffusers import DDPMScheduler
+
+    from harness.shapes.model import SCHEDULER_CONFIG
+    from harness.shapes.train import min_snr_weights
+
+    alphas_cumprod = DDPMScheduler.from_config(SCHEDULER_CONFIG).alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    weights = min_snr_weights(alphas_cumprod, 5.0)
+
+    # Weight 1 where SNR <= 5 (the noisy timesteps), gamma / SNR where the image is cleaner.
+    assert torch.all(weights[snr <= 5] == 1)
+    assert torch.allclose(weights[snr > 5], 5 / snr[snr > 5])
+    assert float(weights[0]) < 1e-3
+    assert float(weights[-1]) == 1.0
+    assert torch.all(weights[1:] >= weights[:-1])  # less weight the cleaner the image
+    assert torch.all(min_snr_weights(alphas_cumprod, None) == 1)
+
+
+def test_resume_with_other_loss_weighting_rejected(tmp_path):
+    import json
+
+    from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state
+
+    (tmp_path / "state.json").write_text(json.dumps(
+        {"step": 100, "losses": [], "schedule": _schedule(UnetTrainingConfig(min_snr_gamma=None))}))
+    with pytest.raises(ValueError, match="schedule"):
+        read_checkpoint_state(tmp_path, UnetTrainingConfig(min_snr_gamma=5.0))
+
+
+def test_resume_with_other_architecture_rejected(tmp_path):
+    import json
+
+    from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state
+
+    schedule = _schedule(UnetTrainingConfig())
+    schedule["unet"] = {**schedule["unet"], "attention_head_dim": 32}
+    (tmp_path / "state.json").write_text(
+        json.dumps({"step": 100, "losses": [], "schedule": schedule}))
+    with pytest.raises(ValueError, match="another --checkpoints folder"):
+        read_checkpoint_state(tmp_path, UnetTrainingConfig())
+
+
 def test_resume_with_other_schedule_rejected(tmp_path):
     import json
 
@@ -293,12 +336,16 @@ def test_quality_matches_model_card():
 
 @pytest.mark.parametrize("variant", ["esd-x", "esd-u"])
 def test_shipped_esd_matches_shipped_unet(shapes_model, variant):
+    from safetensors import safe_open
+
     from defenses.esd import WEIGHTS_DIR, check_base
 
+    other = shapes_model.unet.__class__.from_config(shapes_model.unet.config)
     for task in TASKS:
         weights = WEIGHTS_DIR / f"{variant}-{task}.safetensors"
-        check_base(weights, {}, shapes_model.unet)  # the card's fingerprint, no metadata
-
-    other = shapes_model.unet.__class__.from_config(shapes_model.unet.config)
-    with pytest.raises(ValueError, match="another base denoiser"):
-        check_base(WEIGHTS_DIR / f"{variant}-star.safetensors", {}, other)
+        with safe_open(str(weights), "pt") as handle:
+            metadata = handle.metadata() or {}
+        assert "base_fingerprint" in metadata, weights
+        check_base(weights, metadata, shapes_model.unet)
+        with pytest.raises(ValueError, match="another base denoiser"):
+            check_base(weights, metadata, other)

@@ -3,7 +3,9 @@
 Objective: the standard epsilon loss of DDPM (Ho et al., 2020), ||eps - eps_theta(x_t, t, c)||^2
 with t uniform over the 1,000 training timesteps, and caption dropout (the empty caption's
 token states in place of the caption's, with probability `caption_dropout`) so one network
-gives both halves of classifier-free guidance (Ho & Salimans, 2022).
+gives both halves of classifier-free guidance (Ho & Salimans, 2022). Each sample's loss is
+weighted by min(SNR(t), 5) / SNR(t), the Min-SNR strategy of Hang et al. (2023): the target
+is still epsilon, and only the nearly clean timesteps count for less.
 
 MiniLM is frozen, so its token states are computed once per caption before training: running
 it on every batch would cost about as much as the UNet step itself. Images are rendered
@@ -12,8 +14,9 @@ renderer does in under a millisecond each.
 
 Every random draw of step `k` comes from generators seeded with (seed, k), so a run
 resumed from a checkpoint continues exactly as the uninterrupted run would have. A
-checkpoint records its learning-rate schedule, and a resume with another one is refused;
-with cosine decay (`final_lr_fraction` below 1) the schedule includes the step count.
+checkpoint records its learning-rate schedule, loss weighting and UNet architecture, and a
+resume with other ones is rejected; with cosine decay (`final_lr_fraction` below 1) the
+schedule includes the step count.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +60,7 @@ class UnetTrainingConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    min_snr_gamma: float | None = 5.0  # None: every timestep weighted 1, plain DDPM loss
     num_captions: int = 8000
     seed: int = 0
     checkpoint_every: int = 100
@@ -84,20 +89,38 @@ def learning_rate_factor(config: UnetTrainingConfig, step: int) -> float:
     return config.final_lr_fraction + (1 - config.final_lr_fraction) * cosine
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Return the loss weight of every timestep: min(SNR(t), gamma) / SNR(t).
+
+    Min-SNR-gamma weighting (Hang et al., 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy"), in its form for epsilon prediction, with
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t). The epsilon loss weights a timestep's x0
+    error by SNR(t), so the nearly clean timesteps dominate the gradient. Capping that
+    weight at gamma (5 in the paper) leaves the noisy timesteps, where shapes and fills are
+    laid out, their full weight; the paper reports 3.4 times faster convergence on ImageNet
+    256x256. `gamma=None` weights every timestep 1.
+    """
+    if gamma is None:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
             ema_param.lerp_(param, 1 - decay)
 
 
-def _schedule(config: UnetTrainingConfig) -> dict[str, float]:
-    """Collect the settings the learning rate of a step depends on; a resume must keep them.
+def _schedule(config: UnetTrainingConfig) -> dict[str, Any]:
+    """Collect the settings a step's update depends on (learning rate, loss weights, UNet).
 
-    The step count matters only while the rate decays: with a constant rate a run may be
-    resumed to more steps, which is how the shipped UNet went from 3000 to 4000.
+    A resume must keep them. The step count matters only while the rate decays: with a
+    constant rate a run may be resumed to more steps.
     """
     schedule = {"warmup_steps": config.warmup_steps, "learning_rate": config.learning_rate,
-                "final_lr_fraction": config.final_lr_fraction}
+                "final_lr_fraction": config.final_lr_fraction,
+                "min_snr_gamma": config.min_snr_gamma, "unet": unet_config()}
     if config.final_lr_fraction != 1.0:
         schedule["steps"] = config.steps
     return schedule
@@ -127,8 +150,9 @@ def read_checkpoint_state(checkpoint_dir: Path, config: UnetTrainingConfig) -> d
     if state.get("schedule") != _schedule(config):
         raise ValueError(
             f"the checkpoint in {checkpoint_dir} follows the schedule {state.get('schedule')}, "
-            f"not this run's {_schedule(config)}: the learning rate of every step depends on "
-            "it. Pass the same --unet-steps, or another --checkpoints folder to start afresh"
+            f"not this run's {_schedule(config)}: the learning rate, loss weights and network "
+            "of every step depend on it. Pass the same --unet-steps, or another --checkpoints "
+            "folder to start afresh"
         )
     return state
 
@@ -165,6 +189,7 @@ def train_unet(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(learning_rate_factor, config))
     noise_schedule = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    weights = min_snr_weights(noise_schedule.alphas_cumprod, config.min_snr_gamma)
     codec = PixelUnshuffleCodec()
     start_step, losses = 0, []
     if state is not None:
@@ -200,7 +225,8 @@ def train_unet(
                                   (config.batch_size,), generator=generator)
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * weights[timesteps]).mean()
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
