@@ -340,7 +340,7 @@ def write_weights(
         "trained_parameters": result.parameter_count,
         "loss": loss_summary(result.losses),
         "wall_seconds": round(result.seconds, 1),
-        "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+        "sha256": _file_sha256(target),
         "model_info": {key: str(value) for key, value in model.info.items()},
     }
     target.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -368,6 +368,10 @@ def denoiser_fingerprint(unet: nn.Module, every: int = 16, head: int = 4096) -> 
 FINGERPRINT_RTOL = 1e-2
 
 
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def check_base(weights: Path, metadata: dict[str, str], unet: nn.Module) -> None:
     """Raise if `weights` were trained on another denoiser than `unet` (see the fingerprint).
 
@@ -379,8 +383,7 @@ def check_base(weights: Path, metadata: dict[str, str], unet: nn.Module) -> None
     card_path = weights.with_suffix(".json")
     if recorded is None and card_path.is_file():
         card = json.loads(card_path.read_text(encoding="utf-8"))
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-        if isinstance(card, dict) and card.get("sha256") == digest:
+        if isinstance(card, dict) and card.get("sha256") == _file_sha256(weights):
             recorded = card.get("base_fingerprint")
     if recorded is None:
         log.warning("%s records no base fingerprint, so its base denoiser is not checked "
@@ -458,7 +461,7 @@ class EsdDefense(Defense):
 
     def describe(self) -> dict[str, Any]:
         # A digest rather than only the path, so runs on other machines can be compared.
-        digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()[:16]
+        digest = _file_sha256(self.weights)[:16]
         return {"defense": self.name, "weights": self.weights.name, "weights_sha256": digest}
 
 

@@ -194,35 +194,36 @@ def test_min_snr_weights_cap_clean_timesteps():
 def test_resume_with_other_loss_weighting_rejected(tmp_path):
     import json
 
-    from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state
+    from harness.shapes.train import UnetTrainingConfig, _resume_settings, read_checkpoint_state
 
-    (tmp_path / "state.json").write_text(json.dumps(
-        {"step": 100, "losses": [], "schedule": _schedule(UnetTrainingConfig(min_snr_gamma=None))}))
-    with pytest.raises(ValueError, match="schedule"):
+    saved = _resume_settings(UnetTrainingConfig(min_snr_gamma=None))
+    (tmp_path / "state.json").write_text(
+        json.dumps({"step": 100, "losses": [], "settings": saved}))
+    with pytest.raises(ValueError, match="was trained with the settings"):
         read_checkpoint_state(tmp_path, UnetTrainingConfig(min_snr_gamma=5.0))
 
 
 def test_resume_with_other_architecture_rejected(tmp_path):
     import json
 
-    from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state
+    from harness.shapes.train import UnetTrainingConfig, _resume_settings, read_checkpoint_state
 
-    schedule = _schedule(UnetTrainingConfig())
-    schedule["unet"] = {**schedule["unet"], "attention_head_dim": 32}
+    settings = _resume_settings(UnetTrainingConfig())
+    settings["unet"] = {**settings["unet"], "attention_head_dim": 32}
     (tmp_path / "state.json").write_text(
-        json.dumps({"step": 100, "losses": [], "schedule": schedule}))
+        json.dumps({"step": 100, "losses": [], "settings": settings}))
     with pytest.raises(ValueError, match="another --checkpoints folder"):
         read_checkpoint_state(tmp_path, UnetTrainingConfig())
 
 
-def test_resume_with_other_schedule_rejected(tmp_path):
+def test_resume_with_other_resume_settings_rejected(tmp_path):
     import json
 
-    from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state
+    from harness.shapes.train import UnetTrainingConfig, _resume_settings, read_checkpoint_state
 
     saved = UnetTrainingConfig(steps=2400, final_lr_fraction=0.05)
     (tmp_path / "state.json").write_text(
-        json.dumps({"step": 100, "losses": [], "schedule": _schedule(saved)}))
+        json.dumps({"step": 100, "losses": [], "settings": _resume_settings(saved)}))
     assert read_checkpoint_state(tmp_path, saved)["step"] == 100
     with pytest.raises(ValueError, match="--unet-steps"):
         read_checkpoint_state(tmp_path, UnetTrainingConfig(steps=4000, final_lr_fraction=0.05))
@@ -231,10 +232,10 @@ def test_resume_with_other_schedule_rejected(tmp_path):
 def test_resume_to_more_steps_at_constant_rate(tmp_path):
     import json
 
-    from harness.shapes.train import UnetTrainingConfig, _schedule, read_checkpoint_state
+    from harness.shapes.train import UnetTrainingConfig, _resume_settings, read_checkpoint_state
 
     (tmp_path / "state.json").write_text(json.dumps(
-        {"step": 3000, "losses": [], "schedule": _schedule(UnetTrainingConfig(steps=3000))}))
+        {"step": 3000, "losses": [], "settings": _resume_settings(UnetTrainingConfig(steps=3000))}))
     assert read_checkpoint_state(tmp_path, UnetTrainingConfig(steps=4000))["step"] == 3000
 
 

@@ -15,8 +15,8 @@ renderer does in under a millisecond each.
 Every random draw of step `k` comes from generators seeded with (seed, k), so a run
 resumed from a checkpoint continues exactly as the uninterrupted run would have. A
 checkpoint records its learning-rate schedule, loss weighting and UNet architecture, and a
-resume with other ones is rejected; with cosine decay (`final_lr_fraction` below 1) the
-schedule includes the step count.
+resume with other ones is rejected. With cosine decay (`final_lr_fraction` below 1) the
+recorded settings include the step count.
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float | None) -> torch.
     Weighting Strategy"), in its form for epsilon prediction, with
     SNR(t) = alpha_bar_t / (1 - alpha_bar_t). The epsilon loss weights a timestep's x0
     error by SNR(t), so the nearly clean timesteps dominate the gradient. Capping that
-    weight at gamma (5 in the paper) leaves the noisy timesteps, where shapes and fills are
-    laid out, their full weight; the paper reports 3.4 times faster convergence on ImageNet
-    256x256. `gamma=None` weights every timestep 1.
+    weight at gamma (5 in the paper) keeps the full weight for the noisy timesteps, where
+    shapes and fills are laid out. The paper reports 3.4 times faster convergence on
+    ImageNet 256x256. `gamma=None` weights every timestep 1.
     """
     if gamma is None:
         return torch.ones_like(alphas_cumprod)
@@ -112,29 +112,29 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             ema_param.lerp_(param, 1 - decay)
 
 
-def _schedule(config: UnetTrainingConfig) -> dict[str, Any]:
+def _resume_settings(config: UnetTrainingConfig) -> dict[str, Any]:
     """Collect the settings a step's update depends on (learning rate, loss weights, UNet).
 
-    A resume must keep them. The step count matters only while the rate decays: with a
-    constant rate a run may be resumed to more steps.
+    A resume must keep them. The step count matters only while the rate decays, so a run
+    with a constant rate may be resumed to more steps.
     """
-    schedule = {"warmup_steps": config.warmup_steps, "learning_rate": config.learning_rate,
+    settings = {"warmup_steps": config.warmup_steps, "learning_rate": config.learning_rate,
                 "final_lr_fraction": config.final_lr_fraction,
                 "min_snr_gamma": config.min_snr_gamma, "unet": unet_config()}
     if config.final_lr_fraction != 1.0:
-        schedule["steps"] = config.steps
-    return schedule
+        settings["steps"] = config.steps
+    return settings
 
 
 def _save_checkpoint(
-    folder: Path, step: int, unet, ema, optimizer, losses: list[float], schedule: dict
+    folder: Path, step: int, unet, ema, optimizer, losses: list[float], settings: dict
 ) -> None:
     """Write the checkpoint to temporary names, then rename, so a crash never leaves half."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(unet.state_dict(), str(folder / "unet.tmp"))
     save_file(ema.state_dict(), str(folder / "ema.tmp"))
     torch.save(optimizer.state_dict(), folder / "optimizer.tmp")
-    state = {"step": step, "losses": losses, "schedule": schedule}
+    state = {"step": step, "losses": losses, "settings": settings}
     (folder / "state.tmp").write_text(json.dumps(state))
     for name, suffix in (("unet", ".safetensors"), ("ema", ".safetensors"),
                          ("optimizer", ".pt"), ("state", ".json")):
@@ -142,17 +142,17 @@ def _save_checkpoint(
 
 
 def read_checkpoint_state(checkpoint_dir: Path, config: UnetTrainingConfig) -> dict | None:
-    """Read the checkpoint's state.json (None without one); raise if its schedule differs."""
+    """Read the checkpoint's state.json (None without one); raise if its settings differ."""
     path = checkpoint_dir / "state.json"
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
-    if state.get("schedule") != _schedule(config):
+    if state.get("settings") != _resume_settings(config):
         raise ValueError(
-            f"the checkpoint in {checkpoint_dir} follows the schedule {state.get('schedule')}, "
-            f"not this run's {_schedule(config)}: the learning rate, loss weights and network "
-            "of every step depend on it. Pass the same --unet-steps, or another --checkpoints "
-            "folder to start afresh"
+            f"the checkpoint in {checkpoint_dir} was trained with the settings "
+            f"{state.get('settings')}, not this run's {_resume_settings(config)}. The learning "
+            "rate, loss weights and network of every step depend on them. Pass the same "
+            "--unet-steps, or another --checkpoints folder to start afresh"
         )
     return state
 
@@ -189,7 +189,7 @@ def train_unet(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(learning_rate_factor, config))
     noise_schedule = DDPMScheduler.from_config(SCHEDULER_CONFIG)
-    weights = min_snr_weights(noise_schedule.alphas_cumprod, config.min_snr_gamma)
+    loss_weights = min_snr_weights(noise_schedule.alphas_cumprod, config.min_snr_gamma)
     codec = PixelUnshuffleCodec()
     start_step, losses = 0, []
     if state is not None:
@@ -226,7 +226,7 @@ def train_unet(
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * weights[timesteps]).mean()
+        loss = (per_sample * loss_weights[timesteps]).mean()
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,7 +239,8 @@ def train_unet(
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
-            _save_checkpoint(checkpoint_dir, done, unet, ema, optimizer, losses, _schedule(config))
+            _save_checkpoint(checkpoint_dir, done, unet, ema, optimizer, losses,
+                             _resume_settings(config))
             log.info("step %d: mean loss of last 100 steps %.4f, checkpoint saved",
                      done, np.mean(losses[-100:]))
 
