@@ -100,6 +100,20 @@ def test_vocabulary_index_matches_masked_argmax():
     expected = cosine.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
     assert torch.equal(index.nearest(embeddings), expected)
     assert index.nearest(embeddings)[-1] == 5
+    # A few rows take the other form of the product, and the tie must break the same way.
+    assert torch.equal(index.nearest(embeddings[-3:]), expected[-3:])
+
+
+@pytest.mark.parametrize("count", [1, tools.FEW_ROWS - 1, tools.FEW_ROWS, 40])
+def test_products_with_rows_matches_matmul(count):
+    generator = torch.Generator().manual_seed(count)
+    table = torch.randn(300, 16, generator=generator)
+    rows = torch.randn(1, count, 16, generator=generator)
+
+    products = tools.products_with_rows(rows, table)
+
+    assert products.shape == (1, count, 300)
+    torch.testing.assert_close(products, rows @ table.T)
 
 
 def test_one_hot_rows_equals_product():
