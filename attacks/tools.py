@@ -68,13 +68,13 @@ FEW_ROWS = 12
 
 
 def products_with_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Compute `rows @ table.T`, of shape `rows.shape[:-1] + (V,)`, for `table` of shape (V, D).
+    """Compute `rows @ table.T`, of shape `rows.shape[:-1] + (V,)`, for a (V, D) `table`.
 
     With fewer than `FEW_ROWS` rows it computes `(table @ rows.T).T`, the same numbers up
-    to rounding. On one thread of an AMD EPYC machine with a 24,000 x 384 table,
-    `rows @ table.T` took 12.0 ms for 3 rows against 2.6 ms, and 6.3 ms for 8 rows against
-    4.3 ms. From 12 to 18 rows it was as fast or faster, so larger products keep it.
-    NOTE: the threshold was measured on that machine only; another BLAS may place it
+    to rounding. We timed a 24,000 x 384 table on one thread of an AMD EPYC machine.
+    There `rows @ table.T` took 12.0 ms for 3 rows against 2.6 ms, and 6.3 ms for 8 rows
+    against 4.3 ms. From 12 to 18 rows it was as fast or faster, so larger products keep it.
+    NOTE: the threshold was measured on that machine only. Another BLAS may place it
     elsewhere.
     """
     flat = rows.reshape(-1, rows.shape[-1])

@@ -147,10 +147,11 @@ def read_checkpoint_state(checkpoint_dir: Path, config: UnetTrainingConfig) -> d
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
-    if state.get("settings") != _resume_settings(config):
+    expected = _resume_settings(config)
+    if state.get("settings") != expected:
         raise ValueError(
             f"the checkpoint in {checkpoint_dir} was trained with the settings "
-            f"{state.get('settings')}, not this run's {_resume_settings(config)}. The learning "
+            f"{state.get('settings')}, not this run's {expected}. The learning "
             "rate, loss weights and network of every step depend on them. Pass the same "
             "--unet-steps, or another --checkpoints folder to start afresh"
         )
