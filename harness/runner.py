@@ -10,6 +10,7 @@ What the ledger already holds is skipped, which is how a stopped run resumes.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import resource
@@ -142,6 +143,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        # How idle OpenMP threads wait sets the run time on a small CPU (harness/__init__.py).
+        "openmp_wait": {name: os.environ.get(name)
+                        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "packages": packages,
     }
 

@@ -281,3 +281,27 @@ def test_concept_attack_subset(tmp_path, capsys):
     bad = ["--set", "attacks+=counting-transfer", "--set", "concepts.0.attacks=[p4d]"]
     assert main(["run", str(SMOKE), "--dry-run", *bad]) == 2
     assert "'p4d' is not a configured attack" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("user_setting", "expected"),
+    [({}, "10000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "None"), ({"GOMP_SPINCOUNT": "5"}, "5")],
+)
+def test_openmp_spin_count_default(user_setting, expected):
+    """`import harness` sets a short spin count, and keeps a wait setting the user chose."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, harness; print(os.environ.get('GOMP_SPINCOUNT'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env | user_setting,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == expected
+
+
+def test_environment_records_openmp_wait():
+    import torch
+
+    from harness.runner import environment
+
+    recorded = environment(torch.device("cpu"))["openmp_wait"]
+    assert recorded == {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT")}
