@@ -143,7 +143,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name or platform.machine(),
         "torch_threads": torch.get_num_threads(),
-        # How idle OpenMP threads wait sets the run time on a small CPU (harness/__init__.py).
+        # The OpenMP wait variables at run start (harness/__init__.py). GNU OpenMP read these
+        # values unless torch was imported before harness.
         "openmp_wait": {name: os.environ.get(name)
                         for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "packages": packages,

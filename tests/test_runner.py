@@ -297,11 +297,12 @@ def test_openmp_spin_count_default(user_setting, expected):
     assert result.stdout.strip() == expected
 
 
-def test_environment_records_openmp_wait():
+def test_environment_records_openmp_wait(monkeypatch):
     import torch
 
     from harness.runner import environment
 
+    monkeypatch.setenv("GOMP_SPINCOUNT", "123")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     recorded = environment(torch.device("cpu"))["openmp_wait"]
-    assert recorded == {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT")}
+    assert recorded == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "123"}
