@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from harness import OPENMP_WAIT_VARIABLES
 from harness.config import ConceptConfig, DefenseRef, PluginRef, RunConfig, stable_hash
 from harness.ledger import ANY_DEFENSE, ImageRow, Ledger, image_key, write_bytes_atomic
 from harness.model import ALL_CAPABILITIES, DiffusionModel
@@ -143,10 +144,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name or platform.machine(),
         "torch_threads": torch.get_num_threads(),
-        # The OpenMP wait variables at run start (harness/__init__.py). GNU OpenMP read these
-        # values unless torch was imported before harness.
-        "openmp_wait": {name: os.environ.get(name)
-                        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        # The OpenMP wait variables at run start. GNU OpenMP read these values unless torch
+        # was imported before harness.
+        "openmp_wait": {name: os.environ.get(name) for name in OPENMP_WAIT_VARIABLES},
         "packages": packages,
     }
 
