@@ -18,6 +18,8 @@ from defenses.saferedir.defense import SafeRedir
 from defenses.saferedir.hooks import RedirectionOptions, redirection_delta
 from defenses.saferedir.loading import dims_from_state, load_checkpoint, save_checkpoint
 from defenses.saferedir.networks import (
+    UNSAFE,
+    PromptFeatures,
     Redirector,
     RedirectorDims,
     RedirectorOutput,
@@ -52,8 +54,17 @@ class HandSetClassifier:
         self.references = torch.stack([reference for reference, _ in rules])
         self.unsafe_at = [rule for _, rule in rules]
         self.calls: list[tuple[int, torch.Tensor]] = []
+        self.feature_rows = 0  # prompt rows passed to `prompt_features`
 
-    def __call__(self, latents, prompt, timesteps, with_mask=True) -> RedirectorOutput:
+    def prompt_features(self, prompt) -> PromptFeatures:
+        self.feature_rows += prompt.shape[0]
+        copy = prompt.clone().unsqueeze(0)  # the hook updates features in place
+        return PromptFeatures(keys=copy, values=copy.clone(), pooled=prompt.mean(dim=1),
+                              alpha=prompt[..., :1].clone())
+
+    def __call__(self, latents, prompt, timesteps, with_mask=True, features=None,
+                 unsafe_only=False) -> RedirectorOutput:
+        assert features is not None and torch.equal(features.keys[0], prompt)
         batch, tokens, width = prompt.shape
         self.calls.append((int(timesteps[0]), prompt.clone()))
         distances = torch.cdist(prompt.flatten(1), self.references.flatten(1).to(prompt))
@@ -141,6 +152,66 @@ def test_delta_rows_share_one_direction():
     output = network(torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.tensor([500.0]))
     rows = torch.nn.functional.normalize(output.delta[0], dim=-1)
     assert torch.allclose(rows, output.direction[0].expand_as(rows), atol=1e-5)
+
+
+def test_prompt_features_give_the_same_call():
+    torch.manual_seed(0)
+    network = Redirector(RedirectorDims(latent_channels=4, token_count=77, embed_dim=32)).eval()
+    latents, timesteps = torch.randn(3, 4, 8, 8), torch.tensor([900.0, 500.0, 20.0])
+    prompt = torch.randn(3, 77, 32)
+    features = network.prompt_features(prompt)
+
+    with torch.no_grad():
+        fresh = network(latents, prompt, timesteps, with_mask=False)
+        reused = network(latents, prompt, timesteps, with_mask=False, features=features)
+    assert torch.allclose(fresh.logits, reused.logits, atol=1e-6)
+    assert torch.allclose(fresh.delta, reused.delta, atol=1e-6)
+    assert torch.equal(fresh.alpha, reused.alpha)
+
+    # Rows selected from a batch, and rows replaced by another prompt's features.
+    rows = torch.tensor([2, 0])
+    picked = features.select(rows)
+    alone = network.prompt_features(prompt[rows])
+    assert torch.allclose(picked.keys, alone.keys, atol=1e-6)
+    other = torch.randn(1, 77, 32)
+    features.replace_rows(torch.tensor([1]), network.prompt_features(other))
+    assert torch.allclose(features.select(torch.tensor([1])).values,
+                          network.prompt_features(other).values, atol=1e-6)
+    assert torch.allclose(features.select(torch.tensor([0])).pooled, prompt[:1].mean(dim=1))
+
+
+def test_unsafe_only_computes_the_delta_of_unsafe_images():
+    torch.manual_seed(0)
+    network = Redirector(RedirectorDims(latent_channels=4, token_count=77, embed_dim=32)).eval()
+    latents, prompt = torch.randn(6, 4, 8, 8), torch.randn(6, 77, 32)
+    timesteps = torch.full((6,), 500.0)
+    with torch.no_grad():
+        margins = network(latents, prompt, timesteps, with_mask=False).logits.diff(dim=-1)
+        network.classifier.output.bias[UNSAFE] -= margins.median()  # verdicts both ways
+        full = network(latents, prompt, timesteps, with_mask=False)
+        partial = network(latents, prompt, timesteps, with_mask=False, unsafe_only=True)
+
+    unsafe = full.logits.argmax(dim=-1) == UNSAFE
+    assert 0 < int(unsafe.sum()) < 6
+    assert torch.equal(partial.logits, full.logits)
+    assert torch.allclose(partial.delta[unsafe], full.delta[unsafe], atol=1e-6)
+    assert not partial.delta[~unsafe].any()
+    assert not partial.direction[~unsafe].any()
+
+
+@pytest.mark.parametrize(("rule", "sees_redirected", "feature_rows"), [
+    (never, True, 1),  # never redirected: E~ stays E, computed once for 10 checks
+    # The first redirection changes E~; the double's later ones give the same E + Delta.
+    (always, True, 2),
+    (always, False, 1),  # the classifier reads the unchanged E
+])
+def test_prompt_features_recomputed_only_when_the_embedding_changes(
+    tiny_model, rule, sees_redirected, feature_rows
+):
+    classifier = HandSetClassifier([(encode(tiny_model, UNSAFE_PROMPT), rule)])
+    model, _ = defended(tiny_model, classifier, classifier_sees_redirected=sees_redirected)
+    generate(model, [UNSAFE_PROMPT])
+    assert classifier.feature_rows == feature_rows
 
 
 def test_mask_skip_keeps_delta_and_gradient():

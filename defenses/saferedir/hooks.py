@@ -17,7 +17,9 @@ denoiser call at step k, the check reads the latent x_t that the denoiser just r
 Because each delta row is normalised, the gate and mask cancel: only alpha, the token norm
 and the shared direction act, unless `mask_in_final` multiplies the mask back in. Without
 `mask_in_final` the hook therefore asks the redirector to skip its mask predictor, which
-changes no output and no gradient.
+changes no output and no gradient. The parts of a check that read only the prompt (the
+attention's keys and values, the token mean and alpha) are computed once per image and
+again only when its checked embedding E~ has changed, that is after a redirection.
 
 In `state.differentiable` mode (the one-step path adaptive attacks optimise through) the
 hard decision and the cooldown have no gradient, so the hook uses a surrogate: the
@@ -34,7 +36,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from defenses.saferedir.networks import UNSAFE, RedirectorOutput
+from defenses.saferedir.networks import UNSAFE, PromptFeatures, RedirectorOutput
 from harness.sampling import SamplerHook, StepState
 
 RECORD_PREFIX = "saferedir_"
@@ -88,8 +90,11 @@ class RedirectorLike(Protocol):
 
     def __call__(
         self, latents: torch.Tensor, prompt: torch.Tensor, timesteps: torch.Tensor,
-        with_mask: bool = True,
+        with_mask: bool = True, features: PromptFeatures | None = None,
+        unsafe_only: bool = False,
     ) -> RedirectorOutput: ...
+
+    def prompt_features(self, prompt: torch.Tensor) -> PromptFeatures: ...
 
 
 def redirection_delta(
@@ -120,6 +125,9 @@ class SafeRedirHook(SamplerHook):
         self.countdown: torch.Tensor | None = None
         self.fired_steps: list[list[int]] = []
         self.checks: list[int] = []
+        # The prompt features of every image and the embedding they were computed from.
+        self.features: PromptFeatures | None = None
+        self.featured_prompt: torch.Tensor | None = None
 
     # -- sampler hook points -----------------------------------------------------------
 
@@ -163,7 +171,9 @@ class SafeRedirHook(SamplerHook):
             return
 
         seen = state.cond if self.options.classifier_sees_redirected else state.original_cond
-        output = self._classify(state.latents[rows], seen[rows], state.timestep)
+        output = self._classify(
+            state.latents[rows], seen[rows], state.timestep, self._features(seen, rows)
+        )
         unsafe = output.logits.argmax(dim=-1) == UNSAFE
         for row in rows.tolist():
             self.checks[row] += 1
@@ -189,14 +199,33 @@ class SafeRedirHook(SamplerHook):
             uncond[clear] = state.original_uncond[clear]
         state.cond, state.uncond = cond, uncond
 
+    def _features(self, seen: torch.Tensor, rows: torch.Tensor) -> PromptFeatures:
+        """Return the prompt features of `rows`, recomputed only where `seen` has changed."""
+        seen = seen.detach().float()
+        with torch.no_grad():
+            if self.features is None:
+                self.features = self.redirector.prompt_features(seen)
+                self.featured_prompt = seen.clone()
+            changed = rows[(self.featured_prompt[rows] != seen[rows]).flatten(1).any(dim=1)]
+            if changed.numel():
+                self.features.replace_rows(changed, self.redirector.prompt_features(seen[changed]))
+                self.featured_prompt[changed] = seen[changed]
+        return self.features.select(rows)
+
     def _classify(
-        self, latents: torch.Tensor, prompt: torch.Tensor, timestep: torch.Tensor
+        self, latents: torch.Tensor, prompt: torch.Tensor, timestep: torch.Tensor,
+        features: PromptFeatures,
     ) -> RedirectorOutput:
         timesteps = torch.as_tensor(timestep, device=latents.device).float().reshape(-1)
+        # Channels-last latents send the latent encoder's small convolutions to oneDNN. In
+        # the default layout PyTorch picks its reference kernel for a batch of one image.
+        # On a 2-core AMD EPYC machine this line took the defended/undefended time per
+        # image from 1.098 to 1.079 (medians of 32 pairs).
+        latents = latents.float().contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             return self.redirector(
-                latents.float(), prompt.float(), timesteps.expand(latents.shape[0]),
-                with_mask=self.options.mask_in_final,
+                latents, prompt.float(), timesteps.expand(latents.shape[0]),
+                with_mask=self.options.mask_in_final, features=features, unsafe_only=True,
             )
 
     # -- the differentiable surrogate --------------------------------------------------
