@@ -359,8 +359,9 @@ class Redirector(nn.Module):
         logits = self.classifier(torch.cat([joint, features.pooled, attended], dim=1))
 
         # One direction v per image: the per-token input [j; c] is the same for all tokens,
-        # so it is computed once and broadcast instead of repeated T times. A quarter of
-        # the weights sit in the token projection, which a check of a safe image skips.
+        # so it is computed once and broadcast instead of repeated T times. Over a third
+        # of the weights a check uses are the token projection's (shapes checkpoints), and
+        # a check of a safe image skips it.
         direction_input = torch.cat([joint, attended], dim=1)
         if unsafe_only:
             unsafe = (logits.argmax(dim=-1) == UNSAFE).nonzero().flatten()

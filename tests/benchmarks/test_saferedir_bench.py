@@ -1,9 +1,10 @@
 """SafeRedir benchmarks: the defense's cost per image and per denoising step.
 
-The time overhead is measured on the shapes model with randomly initialised redirector
-networks when no shipped shapes checkpoint exists: the cost of a call does not depend on
-the weights, only on whether the hook redirects (which changes no FLOPs: the redirector
-runs at every check either way). `extra_info["weights"]` says which were used.
+The time overhead is measured on the shapes model with the shipped `star` checkpoint, or
+with a randomly initialised redirector when no shipped shapes checkpoint exists. The
+weights set the verdicts, and the verdicts set the cost: an image judged safe skips the
+delta generator, and one redirected is checked only every third step. So the two cases
+give different ratios. `extra_info["weights"]` says which were used.
 """
 
 from __future__ import annotations
