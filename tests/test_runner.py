@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import OPENMP_WAIT_VARIABLES
 from harness.attack import Attack
 from harness.cli import main
 from harness.config import load_config
@@ -290,7 +291,7 @@ def test_concept_attack_subset(tmp_path, capsys):
 def test_openmp_spin_count_default(user_setting, expected):
     """`import harness` sets a short spin count, and keeps a wait setting the user chose."""
     env = {name: value for name, value in os.environ.items()
-           if name not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+           if name not in OPENMP_WAIT_VARIABLES}
     code = "import os, harness; print(os.environ.get('GOMP_SPINCOUNT'))"
     result = subprocess.run([sys.executable, "-c", code], env=env | user_setting,
                             capture_output=True, text=True, check=True)

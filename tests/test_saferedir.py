@@ -58,7 +58,7 @@ class HandSetClassifier:
 
     def prompt_features(self, prompt) -> PromptFeatures:
         self.feature_rows += prompt.shape[0]
-        copy = prompt.clone().unsqueeze(0)  # the hook updates features in place
+        copy = prompt.clone().unsqueeze(0)  # a copy, because the hook updates features in place
         return PromptFeatures(keys=copy, values=copy.clone(), pooled=prompt.mean(dim=1),
                               alpha=prompt[..., :1].clone())
 
@@ -180,7 +180,7 @@ def test_prompt_features_give_the_same_call():
     assert torch.allclose(features.select(torch.tensor([0])).pooled, prompt[:1].mean(dim=1))
 
 
-def test_unsafe_only_computes_the_delta_of_unsafe_images():
+def test_unsafe_only_skips_safe_deltas():
     torch.manual_seed(0)
     network = Redirector(RedirectorDims(latent_channels=4, token_count=77, embed_dim=32)).eval()
     latents, prompt = torch.randn(6, 4, 8, 8), torch.randn(6, 77, 32)
@@ -205,7 +205,7 @@ def test_unsafe_only_computes_the_delta_of_unsafe_images():
     (always, True, 2),
     (always, False, 1),  # the classifier reads the unchanged E
 ])
-def test_prompt_features_recomputed_only_when_the_embedding_changes(
+def test_features_recomputed_on_embedding_change(
     tiny_model, rule, sees_redirected, feature_rows
 ):
     classifier = HandSetClassifier([(encode(tiny_model, UNSAFE_PROMPT), rule)])

@@ -242,7 +242,7 @@ class PromptAttention(nn.Module):
 
     def forward(self, joint: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                 ) -> torch.Tensor:
-        """`keys` and `values` (U, B, T, D) hold each unit's projections of the prompt."""
+        """Attend with each unit over its keys and values (U, B, T, D), then fuse them."""
         outputs = torch.cat([
             unit.attend(joint, unit_keys, unit_values)
             for unit, unit_keys, unit_values in zip(self.units, keys, values, strict=True)
