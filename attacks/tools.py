@@ -3,9 +3,9 @@
 - `project_to_vocabulary`: nearest vocabulary row by cosine similarity, with a
   straight-through gradient (PEZ, Wen et al., NeurIPS 2023; used by P4D), over a
   `VocabularyIndex` of the allowed rows normalised once.
-- `project_simplex`: Euclidean projection onto the probability simplex, the sort-based
-  algorithm of Duchi et al., "Efficient projections onto the l1-ball", ICML 2008 (used by
-  UnlearnDiffAtk).
+- `project_simplex`: Euclidean projection onto the probability simplex (Duchi et al.,
+  "Efficient projections onto the l1-ball", ICML 2008), by Michelot's support iteration
+  (used by UnlearnDiffAtk).
 - `sample_one_hot`: straight-through one-hot sampling from per-token distributions, with
   the backward gradient clipped to [-1, 1] as UnlearnDiffAtk does.
 - Genetic-algorithm operators over token ids (Ring-A-Bell): selection, single-point
@@ -85,36 +85,109 @@ def products_with_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return products.reshape(*rows.shape[:-1], table.shape[0])
 
 
+# Re-rank at most this many (row, candidate) pairs at once, to bound memory when many
+# candidates tie (a zero embedding is equally near every row).
+RERANK_CHUNK = 4096
+
+
+def approximation_error(dtype: torch.dtype, dimension: int) -> float:
+    """Bound on |approximate cosine - float32 re-ranked cosine| of two unit vectors.
+
+    Float32 dot products of `dimension` terms are off by at most `dimension * 2^-24` times
+    sum_i |q_i e_i| <= |q| |e| = 1 (Cauchy-Schwarz), once in each pass. A bfloat16 pass adds
+    the rounding of both inputs (2^-9 relative each, so 2 * 2^-9 + 2^-18 on the sum) and of
+    its result (2^-9 of a value at most 1.004).
+    """
+    accumulation = 2 * dimension * 2.0**-24
+    if dtype == torch.float32:
+        return accumulation
+    if dtype == torch.bfloat16:
+        return 3 * 2.0**-9 + 2.0**-16 + accumulation
+    raise ValueError(f"no error bound for {dtype}; use torch.bfloat16 or torch.float32")
+
+
+def bfloat16_products_are_fast(device: torch.device) -> bool:
+    """Return whether `device` is a CPU that multiplies bfloat16 matrices in hardware (AVX-512
+    BF16 or AMX units). Other CPUs convert bfloat16 in software, likely slower than float32
+    (not measured); on a GPU a float32 product of this size is not the bottleneck."""
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    # Private helpers of torch.cpu; without them, assume no BF16 units.
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 @dataclass(frozen=True)
 class VocabularyIndex:
     """The vocabulary rows a projection may choose, normalised once.
 
     Invariant: `table[i]` is the unit vector of vocabulary row `ids[i]`, in vocabulary
-    order, so the first maximum of `table @ x` is the lowest allowed id among the
-    cosine-nearest rows, as a masked argmax over the whole vocabulary would give (up to
-    rounding of the matrix product, which may differ in the last bit).
+    order, and `nearest` returns the first maximum of the float32 re-ranked cosines, that
+    is the lowest allowed id among the cosine-nearest rows, as a masked argmax over the
+    whole vocabulary would give (up to float32 rounding, which may differ in the last bit).
     P4D projects at every iteration. Normalising MiniLM's 30,522 x 384 table each time
-    took longer than the similarity itself.
+    took longer than the similarity itself, and on a CPU with BF16 units a bfloat16 copy
+    of the table (`coarse`) finds the few candidates to re-rank in about a third of the
+    float32 product's time.
     """
 
     table: torch.Tensor  # (V', D) float32 unit rows
     ids: torch.Tensor  # (V',) their vocabulary ids
+    coarse: torch.Tensor  # (V', D) `table` in the precision of the first pass
+    error: float  # approximation_error of the first pass
 
     @classmethod
-    def build(cls, vocabulary: torch.Tensor, allowed: torch.Tensor | None = None
-              ) -> VocabularyIndex:
+    def build(cls, vocabulary: torch.Tensor, allowed: torch.Tensor | None = None,
+              coarse_dtype: torch.dtype | None = None) -> VocabularyIndex:
         """Build the index of `vocabulary`'s rows that `allowed` (a boolean mask of shape
-        (V,), or None for all) lets a projection choose."""
+        (V,), or None for all) lets a projection choose. `coarse_dtype` (bfloat16 or
+        float32) is the precision of the first pass; by default bfloat16 where
+        `bfloat16_products_are_fast`, else float32."""
         ids = torch.arange(vocabulary.shape[0], device=vocabulary.device)
         if allowed is not None:
             ids = ids[allowed.to(vocabulary.device)]
         table = torch.nn.functional.normalize(vocabulary.detach()[ids].float(), dim=-1)
-        return cls(table=table, ids=ids)
+        if coarse_dtype is None:
+            fast = bfloat16_products_are_fast(table.device)
+            coarse_dtype = torch.bfloat16 if fast else torch.float32
+        error = approximation_error(coarse_dtype, table.shape[-1])
+        return cls(table=table, ids=ids, coarse=table.to(coarse_dtype), error=error)
 
     def nearest(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Return the ids of the cosine-nearest allowed rows, of shape `embeddings.shape[:-1]`."""
-        normed = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
-        return self.ids[products_with_rows(normed, self.table).argmax(dim=-1)]
+        queries = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
+        queries = queries.reshape(-1, queries.shape[-1])
+        if queries.shape[0] == 0:
+            return self.ids[:0].reshape(embeddings.shape[:-1])
+
+        # 1. Approximate cosines with every allowed row, in the coarse precision.
+        if self.coarse.dtype == torch.float32:
+            approximate = products_with_rows(queries, self.coarse)
+        else:
+            approximate = (queries.to(self.coarse.dtype) @ self.coarse.T).float()
+
+        # 2. Candidates: with every approximation within e of its re-ranked value, the
+        #    re-ranked maximum m satisfies approx(m) >= r(m) - e >= r(v) - e >= approx(v) - 2e
+        #    for every v, so it lies within 2e of the best approximation.
+        best = approximate.amax(dim=-1, keepdim=True)
+        if not bool(best.isfinite().all()):
+            raise ValueError("cannot project embeddings with NaN or infinite entries")
+        rows, columns = torch.nonzero(approximate >= best - 2 * self.error, as_tuple=True)
+
+        # 3. Re-rank the candidates in float32 and keep, per query, the lowest column among
+        #    the maxima: the lowest id, as the table is in vocabulary order.
+        reranked = torch.cat([
+            (queries[rows[start:start + RERANK_CHUNK]]
+             * self.table[columns[start:start + RERANK_CHUNK]]).sum(dim=-1)
+            for start in range(0, len(rows), RERANK_CHUNK)
+        ])
+        count = queries.shape[0]
+        top = reranked.new_full((count,), float("-inf")).scatter_reduce(0, rows, reranked, "amax")
+        winners = reranked == top[rows]
+        chosen = columns.new_full((count,), len(self.ids)).scatter_reduce(
+            0, rows[winners], columns[winners], "amin"
+        )
+        return self.ids[chosen].reshape(embeddings.shape[:-1])
 
 
 def project_to_vocabulary(

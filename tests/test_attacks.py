@@ -87,7 +87,8 @@ def test_projection_respects_allowed_mask():
     assert set(ids.tolist()) <= {3, 7}
 
 
-def test_vocabulary_index_matches_masked_argmax():
+@pytest.mark.parametrize("coarse_dtype", [torch.float32, torch.bfloat16])
+def test_vocabulary_index_matches_masked_argmax(coarse_dtype):
     generator = torch.Generator().manual_seed(0)
     vocabulary = torch.randn(300, 16, generator=generator)
     vocabulary[10] = vocabulary[5] * 2  # a tie in cosine: the lower allowed id must win
@@ -95,13 +96,54 @@ def test_vocabulary_index_matches_masked_argmax():
     allowed[[5, 10]] = True
     embeddings = torch.cat([torch.randn(40, 16, generator=generator), vocabulary[5:6]])
 
-    index = tools.VocabularyIndex.build(vocabulary, allowed)
+    index = tools.VocabularyIndex.build(vocabulary, allowed, coarse_dtype=coarse_dtype)
     cosine = torch.nn.functional.cosine_similarity(embeddings[:, None], vocabulary, dim=-1)
     expected = cosine.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
     assert torch.equal(index.nearest(embeddings), expected)
     assert index.nearest(embeddings)[-1] == 5
     # A few rows take the other form of the product, and the tie must break the same way.
     assert torch.equal(index.nearest(embeddings[-3:]), expected[-3:])
+
+
+def test_bfloat16_pass_keeps_float32_order_of_near_ties():
+    # Row 2 is nearer than row 1 by far less than bfloat16 resolves (2^-8 near 1).
+    query = torch.tensor([1.0, 0.0, 0.0])
+    vocabulary = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0100, 0.0], [1.0, 0.0099, 0.0]])
+    approximate = torch.nn.functional.normalize(vocabulary, dim=-1).bfloat16() @ query.bfloat16()
+    assert approximate[1] == approximate[2]  # the first pass alone cannot tell them apart
+
+    for dtype in (torch.float32, torch.bfloat16):
+        index = tools.VocabularyIndex.build(vocabulary, coarse_dtype=dtype)
+        assert index.nearest(query[None]).tolist() == [2]
+
+
+def test_bfloat16_error_bound_holds():
+    generator = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(2000, 384, generator=generator), dim=-1)
+    # Queries near table rows give cosines near 1, where bfloat16 rounds most coarsely.
+    queries = torch.nn.functional.normalize(
+        table[:64] + 0.05 * torch.randn(64, 384, generator=generator), dim=-1
+    )
+
+    exact = queries @ table.T
+    approximate = (queries.bfloat16() @ table.bfloat16().T).float()
+
+    bound = tools.approximation_error(torch.bfloat16, 384)
+    assert (approximate - exact).abs().max() <= bound
+    with pytest.raises(ValueError, match="no error bound"):
+        tools.approximation_error(torch.float16, 384)
+
+
+def test_zero_embedding_takes_lowest_allowed_id():
+    # Every row ties at cosine 0, so every row is re-ranked, in several chunks.
+    vocabulary = torch.randn(tools.RERANK_CHUNK + 100, 8)
+    allowed = torch.ones(len(vocabulary), dtype=torch.bool)
+    allowed[:3] = False
+    index = tools.VocabularyIndex.build(vocabulary, allowed, coarse_dtype=torch.bfloat16)
+    assert index.nearest(torch.zeros(2, 8)).tolist() == [3, 3]
+    assert index.nearest(torch.zeros(0, 8)).shape == (0,)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.nearest(torch.tensor([[float("nan")] * 8]))
 
 
 @pytest.mark.parametrize("count", [1, tools.FEW_ROWS - 1, tools.FEW_ROWS, 40])

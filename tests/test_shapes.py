@@ -350,3 +350,21 @@ def test_shipped_esd_matches_shipped_unet(shapes_model, variant):
         check_base(weights, metadata, shapes_model.unet)
         with pytest.raises(ValueError, match="another base denoiser"):
             check_base(weights, metadata, other)
+
+
+def test_style_confusion_counts_label_then_prediction():
+    from harness.shapes.quality import attribute_agreement, confusion
+
+    labels = [{"shape": "star", "colour": "red", "style": style}
+              for style in ("striped", "striped", "dotted")]
+    predicted = {"shape": ["star", "heart", "star"], "colour": ["red"] * 3,
+                 "style": ["striped", "swirl", "dotted"]}
+
+    counts = confusion(predicted, labels, "style")
+
+    assert counts["striped"] == {"plain": 0, "striped": 1, "dotted": 0, "checkered": 0,
+                                 "swirl": 1}
+    assert counts["dotted"]["dotted"] == 1
+    assert sum(sum(row.values()) for row in counts.values()) == 3
+    assert attribute_agreement(predicted, labels) == {"shape": 0.6667, "colour": 1.0,
+                                                      "style": 0.6667}

@@ -5,6 +5,8 @@
   share of generated images whose oracle prediction equals the attribute the caption
   names. This is also the oracle's agreement with the labels on generated samples, so it
   measures model and oracle together. A low number means that one of the two is wrong.
+- The style confusion per split: for each fill style a caption asks for, how many images
+  the oracle reads as each style.
 - Per erasure task: the share of forget-prompt images with the concept present (the
   undefended model should show it) and of retain-prompt images (it should not).
 
@@ -55,15 +57,36 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tenso
     return torch.cat(images)
 
 
-def attribute_agreement(oracle, images: torch.Tensor, labels: list[dict[str, str]]) -> dict:
-    """Share of images whose predicted value equals the label, per attribute."""
+def predicted_values(oracle, images: torch.Tensor) -> dict[str, list[str]]:
+    """The oracle's most probable value of each attribute, per image."""
     probabilities = predict(oracle, images)
+    return {
+        name: [values[index] for index in probabilities[name].argmax(dim=1).tolist()]
+        for name, values in ATTRIBUTES.items()
+    }
+
+
+def attribute_agreement(
+    predicted: dict[str, list[str]], labels: list[dict[str, str]]
+) -> dict[str, float]:
+    """Share of images whose predicted value equals the label, per attribute."""
     shares = {}
-    for name, values in ATTRIBUTES.items():
-        predicted = probabilities[name].argmax(dim=1).tolist()
-        hits = [values[p] == label[name] for p, label in zip(predicted, labels, strict=True)]
+    for name in ATTRIBUTES:
+        hits = [value == label[name] for value, label in zip(predicted[name], labels,
+                                                               strict=True)]
         shares[name] = round(float(np.mean(hits)), 4)
     return shares
+
+
+def confusion(
+    predicted: dict[str, list[str]], labels: list[dict[str, str]], attribute: str
+) -> dict[str, dict[str, int]]:
+    """Count images per (labelled value, predicted value) of one attribute, labels first."""
+    values = ATTRIBUTES[attribute]
+    counts = {label: dict.fromkeys(values, 0) for label in values}
+    for value, label in zip(predicted[attribute], labels, strict=True):
+        counts[label[attribute]][value] += 1
+    return counts
 
 
 def measure_quality(weights: Path, per_split: int = 240, per_task: int = 60) -> dict[str, Any]:
@@ -81,11 +104,14 @@ def measure_quality(weights: Path, per_split: int = 240, per_task: int = 60) -> 
         {name: ATTRIBUTES[name][int(labels[name][i])] for name in ATTRIBUTES}
         for i in range(len(images))
     ]
-    report["oracle_fresh_renders"] = attribute_agreement(oracle, images, label_dicts)
+    predicted = predicted_values(oracle, images)
+    report["oracle_fresh_renders"] = attribute_agreement(predicted, label_dicts)
     log.info("oracle on 1200 fresh renders: %s", report["oracle_fresh_renders"])
 
-    # 2. Prompt following per caption split.
+    # 2. Prompt following per caption split, and which fill style the oracle reads for
+    #    each style the caption asks for (style is the attribute the model draws worst).
     report["prompt_following"] = {}
+    report["style_confusion"] = {}
     for split_index, split in enumerate(("validation", "heldout")):
         pairs = scenes_with_captions(per_split, split, seed=55_000 + split_index)
         seeds = [70_000 + split_index * 10_000 + i for i in range(per_split)]
@@ -93,8 +119,10 @@ def measure_quality(weights: Path, per_split: int = 240, per_task: int = 60) -> 
         scene_labels = [
             {"shape": s.shape, "colour": s.colour, "style": s.style} for s, _ in pairs
         ]
-        shares = attribute_agreement(oracle, images, scene_labels)
+        predicted = predicted_values(oracle, images)
+        shares = attribute_agreement(predicted, scene_labels)
         report["prompt_following"][split] = {"images": per_split, **shares}
+        report["style_confusion"][split] = confusion(predicted, scene_labels, "style")
         log.info("prompt following on %s captions: %s", split, shares)
 
     # 3. Concept presence per task, forget and retain prompts.
