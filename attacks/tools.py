@@ -90,26 +90,28 @@ def products_with_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 RERANK_CHUNK = 4096
 
 
-def approximation_error(dtype: torch.dtype, dimension: int) -> float:
-    """Bound on |approximate cosine - float32 re-ranked cosine| of two unit vectors.
+def bfloat16_error(dimension: int) -> float:
+    """Bound on |bfloat16 cosine - float32 cosine| of two unit vectors of `dimension` entries.
 
-    Float32 dot products of `dimension` terms are off by at most `dimension * 2^-24` times
-    sum_i |q_i e_i| <= |q| |e| = 1 (Cauchy-Schwarz), once in each pass. A bfloat16 pass adds
-    the rounding of both inputs (2^-9 relative each, so 2 * 2^-9 + 2^-18 on the sum) and of
-    its result (2^-9 of a value at most 1.004).
+    bfloat16 keeps 8 significant bits, so rounding to nearest moves a value by at most
+    u = 2^-8 of itself. Rounding both inputs moves each product q_i e_i by at most
+    (2u + u^2) |q_i e_i|, and sum_i |q_i e_i| <= |q| |e| = 1 (Cauchy-Schwarz), so the sum
+    moves by at most 2u + u^2. The result, at most 1 + 2u + u^2, is rounded to bfloat16
+    once more: u of it. Float32 sums of the exact products in the bfloat16 pass, and of
+    float32-rounded products in the re-ranking pass, add at most (dimension + 1) * 2^-24
+    each, up to a factor below 1.1 for dimensions under a million. The 2^-12 term covers
+    the u^2 terms and the rounding of the threshold. The bound assumes that the product
+    accumulates in float32 and converts to bfloat16 by rounding to nearest.
     """
-    accumulation = 2 * dimension * 2.0**-24
-    if dtype == torch.float32:
-        return accumulation
-    if dtype == torch.bfloat16:
-        return 3 * 2.0**-9 + 2.0**-16 + accumulation
-    raise ValueError(f"no error bound for {dtype}; use torch.bfloat16 or torch.float32")
+    u = 2.0**-8
+    accumulation = 2 * 1.1 * (dimension + 1) * 2.0**-24
+    return 3 * u + 2.0**-12 + accumulation
 
 
 def bfloat16_products_are_fast(device: torch.device) -> bool:
     """Return whether `device` is a CPU that multiplies bfloat16 matrices in hardware (AVX-512
     BF16 or AMX units). Other CPUs convert bfloat16 in software, likely slower than float32
-    (not measured); on a GPU a float32 product of this size is not the bottleneck."""
+    (not measured). On a GPU the float32 path is kept (not measured either)."""
     if device.type != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -122,57 +124,58 @@ class VocabularyIndex:
     """The vocabulary rows a projection may choose, normalised once.
 
     Invariant: `table[i]` is the unit vector of vocabulary row `ids[i]`, in vocabulary
-    order, and `nearest` returns the first maximum of the float32 re-ranked cosines, that
-    is the lowest allowed id among the cosine-nearest rows, as a masked argmax over the
-    whole vocabulary would give (up to float32 rounding, which may differ in the last bit).
+    order, and `nearest` returns the lowest allowed id among the cosine-nearest rows in
+    float32, as a masked argmax over the whole vocabulary would give (up to float32
+    rounding, which may differ in the last bit).
     P4D projects at every iteration. Normalising MiniLM's 30,522 x 384 table each time
-    took longer than the similarity itself, and on a CPU with BF16 units a bfloat16 copy
-    of the table (`coarse`) finds the few candidates to re-rank in about a third of the
-    float32 product's time.
+    took longer than the similarity itself. On a CPU with BF16 units, a bfloat16 copy of
+    the table (`coarse`) finds the few candidates to re-rank in float32 in about half the
+    time of the float32 product with the whole table.
     """
 
     table: torch.Tensor  # (V', D) float32 unit rows
     ids: torch.Tensor  # (V',) their vocabulary ids
-    coarse: torch.Tensor  # (V', D) `table` in the precision of the first pass
-    error: float  # approximation_error of the first pass
+    coarse: torch.Tensor | None = None  # (V', D) bfloat16 copy of `table`, or None
 
     @classmethod
     def build(cls, vocabulary: torch.Tensor, allowed: torch.Tensor | None = None,
-              coarse_dtype: torch.dtype | None = None) -> VocabularyIndex:
+              bfloat16_pass: bool | None = None) -> VocabularyIndex:
         """Build the index of `vocabulary`'s rows that `allowed` (a boolean mask of shape
-        (V,), or None for all) lets a projection choose. `coarse_dtype` (bfloat16 or
-        float32) is the precision of the first pass; by default bfloat16 where
-        `bfloat16_products_are_fast`, else float32."""
+        (V,), or None for all) lets a projection choose. `bfloat16_pass` adds the bfloat16
+        first pass; by default where `bfloat16_products_are_fast`."""
         ids = torch.arange(vocabulary.shape[0], device=vocabulary.device)
         if allowed is not None:
             ids = ids[allowed.to(vocabulary.device)]
         table = torch.nn.functional.normalize(vocabulary.detach()[ids].float(), dim=-1)
-        if coarse_dtype is None:
-            fast = bfloat16_products_are_fast(table.device)
-            coarse_dtype = torch.bfloat16 if fast else torch.float32
-        error = approximation_error(coarse_dtype, table.shape[-1])
-        return cls(table=table, ids=ids, coarse=table.to(coarse_dtype), error=error)
+        if bfloat16_pass is None:
+            bfloat16_pass = bfloat16_products_are_fast(table.device)
+        return cls(table=table, ids=ids, coarse=table.bfloat16() if bfloat16_pass else None)
 
     def nearest(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Return the ids of the cosine-nearest allowed rows, of shape `embeddings.shape[:-1]`."""
+        """Return the ids of the cosine-nearest allowed rows, of shape `embeddings.shape[:-1]`.
+
+        Raises ValueError when a cosine is NaN or infinite (from the embeddings or the
+        vocabulary), where the nearest row is undefined."""
         queries = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
         queries = queries.reshape(-1, queries.shape[-1])
         if queries.shape[0] == 0:
             return self.ids[:0].reshape(embeddings.shape[:-1])
+        shape = embeddings.shape[:-1]
 
-        # 1. Approximate cosines with every allowed row, in the coarse precision.
-        if self.coarse.dtype == torch.float32:
-            approximate = products_with_rows(queries, self.coarse)
-        else:
-            approximate = (queries.to(self.coarse.dtype) @ self.coarse.T).float()
-
-        # 2. Candidates: with every approximation within e of its re-ranked value, the
-        #    re-ranked maximum m satisfies approx(m) >= r(m) - e >= r(v) - e >= approx(v) - 2e
-        #    for every v, so it lies within 2e of the best approximation.
+        # 1. Cosines with every allowed row: in float32, or approximately in bfloat16.
+        if self.coarse is None:
+            products = products_with_rows(queries, self.table)
+            _check_finite(products.amax(dim=-1))
+            return self.ids[products.argmax(dim=-1)].reshape(shape)
+        approximate = (queries.bfloat16() @ self.coarse.T).float()
         best = approximate.amax(dim=-1, keepdim=True)
-        if not bool(best.isfinite().all()):
-            raise ValueError("cannot project embeddings with NaN or infinite entries")
-        rows, columns = torch.nonzero(approximate >= best - 2 * self.error, as_tuple=True)
+        _check_finite(best)
+
+        # 2. Candidates: with every approximation within e of its float32 value r, the
+        #    float32 maximum m satisfies approx(m) >= r(m) - e >= r(v) - e >= approx(v) - 2e
+        #    for every v, so it lies within 2e of the best approximation.
+        error = bfloat16_error(queries.shape[-1])
+        rows, columns = torch.nonzero(approximate >= best - 2 * error, as_tuple=True)
 
         # 3. Re-rank the candidates in float32 and keep, per query, the lowest column among
         #    the maxima: the lowest id, as the table is in vocabulary order.
@@ -187,7 +190,15 @@ class VocabularyIndex:
         chosen = columns.new_full((count,), len(self.ids)).scatter_reduce(
             0, rows[winners], columns[winners], "amin"
         )
-        return self.ids[chosen].reshape(embeddings.shape[:-1])
+        return self.ids[chosen].reshape(shape)
+
+
+def _check_finite(best_cosines: torch.Tensor) -> None:
+    if not bool(best_cosines.isfinite().all()):
+        raise ValueError(
+            "cannot project: a cosine is NaN or infinite; check the embeddings and the "
+            "vocabulary for NaN or infinite entries"
+        )
 
 
 def project_to_vocabulary(

@@ -87,8 +87,8 @@ def test_projection_respects_allowed_mask():
     assert set(ids.tolist()) <= {3, 7}
 
 
-@pytest.mark.parametrize("coarse_dtype", [torch.float32, torch.bfloat16])
-def test_vocabulary_index_matches_masked_argmax(coarse_dtype):
+@pytest.mark.parametrize("bfloat16_pass", [False, True])
+def test_vocabulary_index_matches_masked_argmax(bfloat16_pass):
     generator = torch.Generator().manual_seed(0)
     vocabulary = torch.randn(300, 16, generator=generator)
     vocabulary[10] = vocabulary[5] * 2  # a tie in cosine: the lower allowed id must win
@@ -96,12 +96,13 @@ def test_vocabulary_index_matches_masked_argmax(coarse_dtype):
     allowed[[5, 10]] = True
     embeddings = torch.cat([torch.randn(40, 16, generator=generator), vocabulary[5:6]])
 
-    index = tools.VocabularyIndex.build(vocabulary, allowed, coarse_dtype=coarse_dtype)
+    index = tools.VocabularyIndex.build(vocabulary, allowed, bfloat16_pass=bfloat16_pass)
     cosine = torch.nn.functional.cosine_similarity(embeddings[:, None], vocabulary, dim=-1)
     expected = cosine.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
     assert torch.equal(index.nearest(embeddings), expected)
     assert index.nearest(embeddings)[-1] == 5
-    # A few rows take the other form of the product, and the tie must break the same way.
+    # Fewer rows than FEW_ROWS take the other form of the float32 product; ties must
+    # break the same way.
     assert torch.equal(index.nearest(embeddings[-3:]), expected[-3:])
 
 
@@ -112,36 +113,64 @@ def test_bfloat16_pass_keeps_float32_order_of_near_ties():
     approximate = torch.nn.functional.normalize(vocabulary, dim=-1).bfloat16() @ query.bfloat16()
     assert approximate[1] == approximate[2]  # the first pass alone cannot tell them apart
 
-    for dtype in (torch.float32, torch.bfloat16):
-        index = tools.VocabularyIndex.build(vocabulary, coarse_dtype=dtype)
+    for bfloat16_pass in (False, True):
+        index = tools.VocabularyIndex.build(vocabulary, bfloat16_pass=bfloat16_pass)
         assert index.nearest(query[None]).tolist() == [2]
 
 
-def test_bfloat16_error_bound_holds():
-    generator = torch.Generator().manual_seed(0)
-    table = torch.nn.functional.normalize(torch.randn(2000, 384, generator=generator), dim=-1)
-    # Queries near table rows give cosines near 1, where bfloat16 rounds most coarsely.
-    queries = torch.nn.functional.normalize(
-        table[:64] + 0.05 * torch.randn(64, 384, generator=generator), dim=-1
-    )
+def _worst_rounding_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """A query and a unit row whose true cosine is about 0, where bfloat16 errs by ~2^-7.
 
-    exact = queries @ table.T
-    approximate = (queries.bfloat16() @ table.bfloat16().T).float()
+    The query's entries lie just under a bfloat16 rounding midpoint (they round down, by
+    almost 2^-8 of themselves) or just over one (they round up). The row copies the
+    first kind and negates the second, so every product's rounding error has one sign.
+    """
+    powers = [1, 2, 2, 2, 3, 3, 3]  # sum of 4^-k is 0.484
+    below = [2.0**-k * (1 + 2.0**-8 - 2.0**-13) for k in powers]
+    above = [2.0**-k * (1 + 2.0**-8 + 2.0**-13) for k in powers]
+    head = below + above
+    query = head + [(1 - sum(v * v for v in head)) ** 0.5, 0.0]
+    row = below + [-v for v in above] + [0.003]
+    row.append((1 - sum(v * v for v in row)) ** 0.5)
+    return torch.tensor(query, dtype=torch.float64), torch.tensor(row, dtype=torch.float64)
 
-    bound = tools.approximation_error(torch.bfloat16, 384)
-    assert (approximate - exact).abs().max() <= bound
-    with pytest.raises(ValueError, match="no error bound"):
-        tools.approximation_error(torch.float16, 384)
+
+def test_bfloat16_error_bound_holds_for_worst_rounding():
+    query, row = _worst_rounding_pair()
+    exact = float(query @ row)
+    approximate = float((query.float().bfloat16() @ row.float().bfloat16()).float())
+
+    # The case errs by more than a bound built on 2^-9 rounding would allow.
+    assert abs(approximate - exact) > 3 * 2.0**-9
+    assert abs(approximate - exact) <= tools.bfloat16_error(len(query))
+
+
+def test_bfloat16_pass_finds_nearest_under_worst_rounding():
+    # The row and its negation have cosines +-0.0002 with the query; bfloat16 swaps their
+    # order by about 0.014, and the float32 re-rank must still pick the positive one.
+    query, row = _worst_rounding_pair()
+    vocabulary = torch.stack([row, -row]).float()
+    approximate = (query.float().bfloat16() @ vocabulary.bfloat16().T).float()
+    assert approximate[1] > approximate[0]
+
+    index = tools.VocabularyIndex.build(vocabulary, bfloat16_pass=True)
+    assert index.nearest(query.float()[None]).tolist() == [0]
 
 
 def test_zero_embedding_takes_lowest_allowed_id():
     # Every row ties at cosine 0, so every row is re-ranked, in several chunks.
-    vocabulary = torch.randn(tools.RERANK_CHUNK + 100, 8)
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = torch.randn(tools.RERANK_CHUNK + 100, 8, generator=generator)
     allowed = torch.ones(len(vocabulary), dtype=torch.bool)
     allowed[:3] = False
-    index = tools.VocabularyIndex.build(vocabulary, allowed, coarse_dtype=torch.bfloat16)
+    index = tools.VocabularyIndex.build(vocabulary, allowed, bfloat16_pass=True)
     assert index.nearest(torch.zeros(2, 8)).tolist() == [3, 3]
     assert index.nearest(torch.zeros(0, 8)).shape == (0,)
+
+
+@pytest.mark.parametrize("bfloat16_pass", [False, True])
+def test_projection_rejects_nan(bfloat16_pass):
+    index = tools.VocabularyIndex.build(torch.randn(20, 8), bfloat16_pass=bfloat16_pass)
     with pytest.raises(ValueError, match="NaN or infinite"):
         index.nearest(torch.tensor([[float("nan")] * 8]))
 
