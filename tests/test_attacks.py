@@ -118,7 +118,7 @@ def test_bfloat16_pass_keeps_float32_order_of_near_ties():
         assert index.nearest(query[None]).tolist() == [2]
 
 
-def _worst_rounding_pair() -> tuple[torch.Tensor, torch.Tensor]:
+def _bad_rounding_pair() -> tuple[torch.Tensor, torch.Tensor]:
     """A query and a unit row whose true cosine is about 0, where bfloat16 errs by ~2^-7.
 
     The query's entries lie just under a bfloat16 rounding midpoint (they round down, by
@@ -135,8 +135,8 @@ def _worst_rounding_pair() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(query, dtype=torch.float64), torch.tensor(row, dtype=torch.float64)
 
 
-def test_bfloat16_error_bound_holds_for_worst_rounding():
-    query, row = _worst_rounding_pair()
+def test_bfloat16_error_bound_holds_for_bad_rounding():
+    query, row = _bad_rounding_pair()
     exact = float(query @ row)
     approximate = float((query.float().bfloat16() @ row.float().bfloat16()).float())
 
@@ -145,10 +145,10 @@ def test_bfloat16_error_bound_holds_for_worst_rounding():
     assert abs(approximate - exact) <= tools.bfloat16_error(len(query))
 
 
-def test_bfloat16_pass_finds_nearest_under_worst_rounding():
-    # The row and its negation have cosines +-0.0002 with the query; bfloat16 swaps their
-    # order by about 0.014, and the float32 re-rank must still pick the positive one.
-    query, row = _worst_rounding_pair()
+def test_bfloat16_pass_finds_nearest_under_bad_rounding():
+    # The row and its negation have cosines +-0.0002 with the query. bfloat16 swaps their
+    # order by about 0.014; the float32 re-rank must still pick the positive one.
+    query, row = _bad_rounding_pair()
     vocabulary = torch.stack([row, -row]).float()
     approximate = (query.float().bfloat16() @ vocabulary.bfloat16().T).float()
     assert approximate[1] > approximate[0]

@@ -58,7 +58,7 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tenso
 
 
 def predicted_values(oracle, images: torch.Tensor) -> dict[str, list[str]]:
-    """The oracle's most probable value of each attribute, per image."""
+    """Return the oracle's most probable value of each attribute, per image."""
     probabilities = predict(oracle, images)
     return {
         name: [values[index] for index in probabilities[name].argmax(dim=1).tolist()]
@@ -109,7 +109,7 @@ def measure_quality(weights: Path, per_split: int = 240, per_task: int = 60) -> 
     log.info("oracle on 1200 fresh renders: %s", report["oracle_fresh_renders"])
 
     # 2. Prompt following per caption split, and which fill style the oracle reads for
-    #    each style the caption asks for (style is the attribute the model draws worst).
+    #    each style a caption names (style is the attribute the model draws worst).
     report["prompt_following"] = {}
     report["style_confusion"] = {}
     for split_index, split in enumerate(("validation", "heldout")):
