@@ -115,7 +115,7 @@ def bfloat16_products_are_fast(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    # Private helpers of torch.cpu; without them, assume no BF16 units.
+    # Private helpers of torch.cpu. Without them, assume no BF16 units.
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
@@ -158,9 +158,9 @@ class VocabularyIndex:
         vocabulary), where the nearest row is undefined."""
         queries = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
         queries = queries.reshape(-1, queries.shape[-1])
-        if queries.shape[0] == 0:
-            return self.ids[:0].reshape(embeddings.shape[:-1])
         shape = embeddings.shape[:-1]
+        if queries.shape[0] == 0:
+            return self.ids[:0].reshape(shape)
 
         # 1. Cosines with every allowed row: in float32, or approximately in bfloat16.
         if self.coarse is None:
@@ -196,8 +196,8 @@ class VocabularyIndex:
 def _check_finite(best_cosines: torch.Tensor) -> None:
     if not bool(best_cosines.isfinite().all()):
         raise ValueError(
-            "cannot project: a cosine is NaN or infinite; check the embeddings and the "
-            "vocabulary for NaN or infinite entries"
+            "invalid projection input: a cosine is NaN or infinite. Check the embeddings "
+            "and the vocabulary for NaN or infinite entries"
         )
 
 

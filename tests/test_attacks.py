@@ -106,7 +106,7 @@ def test_vocabulary_index_matches_masked_argmax(bfloat16_pass):
     assert torch.equal(index.nearest(embeddings[-3:]), expected[-3:])
 
 
-def test_bfloat16_pass_keeps_float32_order_of_near_ties():
+def test_bfloat16_pass_orders_near_ties():
     # Row 2 is nearer than row 1 by far less than bfloat16 resolves (2^-8 near 1).
     query = torch.tensor([1.0, 0.0, 0.0])
     vocabulary = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0100, 0.0], [1.0, 0.0099, 0.0]])
@@ -119,7 +119,7 @@ def test_bfloat16_pass_keeps_float32_order_of_near_ties():
 
 
 def _bad_rounding_pair() -> tuple[torch.Tensor, torch.Tensor]:
-    """A query and a unit row whose true cosine is about 0, where bfloat16 errs by ~2^-7.
+    """Return a query and a unit row with a true cosine near 0 that bfloat16 misses by 0.007.
 
     The query's entries lie just under a bfloat16 rounding midpoint (they round down, by
     almost 2^-8 of themselves) or just over one (they round up). The row copies the
@@ -135,7 +135,7 @@ def _bad_rounding_pair() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(query, dtype=torch.float64), torch.tensor(row, dtype=torch.float64)
 
 
-def test_bfloat16_error_bound_holds_for_bad_rounding():
+def test_bfloat16_bound_covers_bad_rounding():
     query, row = _bad_rounding_pair()
     exact = float(query @ row)
     approximate = float((query.float().bfloat16() @ row.float().bfloat16()).float())
@@ -145,9 +145,9 @@ def test_bfloat16_error_bound_holds_for_bad_rounding():
     assert abs(approximate - exact) <= tools.bfloat16_error(len(query))
 
 
-def test_bfloat16_pass_finds_nearest_under_bad_rounding():
+def test_bfloat16_pass_survives_bad_rounding():
     # The row and its negation have cosines +-0.0002 with the query. bfloat16 swaps their
-    # order by about 0.014; the float32 re-rank must still pick the positive one.
+    # order by about 0.014, so only the float32 re-rank can pick the positive one.
     query, row = _bad_rounding_pair()
     vocabulary = torch.stack([row, -row]).float()
     approximate = (query.float().bfloat16() @ vocabulary.bfloat16().T).float()

@@ -352,7 +352,7 @@ def test_shipped_esd_matches_shipped_unet(shapes_model, variant):
             check_base(weights, metadata, other)
 
 
-def test_style_confusion_counts_label_then_prediction():
+def test_style_confusion_rows_are_labels():
     from harness.shapes.quality import attribute_agreement, confusion
 
     labels = [{"shape": "star", "colour": "red", "style": style}

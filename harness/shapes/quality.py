@@ -69,7 +69,7 @@ def predicted_values(oracle, images: torch.Tensor) -> dict[str, list[str]]:
 def attribute_agreement(
     predicted: dict[str, list[str]], labels: list[dict[str, str]]
 ) -> dict[str, float]:
-    """Share of images whose predicted value equals the label, per attribute."""
+    """Return the share of images whose predicted value equals the label, per attribute."""
     shares = {}
     for name in ATTRIBUTES:
         hits = [value == label[name] for value, label in zip(predicted[name], labels,
