@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.registry import UnknownPluginError, registry
 
+# Sampler names, the keys of `harness.sampling.SCHEDULERS` (kept here so that reading a
+# config does not import diffusers).
+SchedulerName = Literal["ddim", "lms", "dpm-solver++", "euler", "pndm", "ddpm", "euler-ancestral"]
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message is one line naming the field."""
@@ -88,7 +92,7 @@ class ConceptConfig(_Strict):
 class SamplerConfig(_Strict):
     """Sampler settings; None means the model's default."""
 
-    scheduler: Literal["ddim", "lms", "dpm-solver++", "euler", "pndm"] = "ddim"
+    scheduler: SchedulerName | None = None
     steps: int | None = Field(default=None, ge=1)
     guidance: float | None = None
     height: int | None = Field(default=None, ge=8)

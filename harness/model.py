@@ -102,6 +102,7 @@ class DiffusionModel:
     default_size: int
     default_steps: int = 50
     default_guidance: float = 7.5
+    default_scheduler: str = "ddim"
     negative_prompt: str = ""
     sampler_hooks: tuple[HookFactory, ...] = ()
     capabilities: frozenset[str] = ALL_CAPABILITIES
@@ -309,7 +310,7 @@ class DiffusionModel:
         seeds: Sequence[int],
         guidance: float | Sequence[float],
         steps: int,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -318,7 +319,8 @@ class DiffusionModel:
         """Generate one image per prompt, with this model's defense hooks active.
 
         `prompt_embeddings` (B, T, D), when given, replaces the encoded prompts; attacks
-        that produce embeddings rather than text use it.
+        that produce embeddings rather than text use it. `scheduler` None means
+        `default_scheduler`.
         """
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         with torch.no_grad():

@@ -11,7 +11,10 @@ diffusers. The loop, for step i with timestep t (Ho & Salimans, 2022, for the gu
 5. the scheduler takes its step; hooks see the result (`after_denoise`).
 
 Seeds: each image's starting noise comes from its own CPU `torch.Generator`, so CPU and
-GPU runs, and batched and single-image runs, start from the same latent.
+GPU runs, and batched and single-image runs, start from the same latent. Ancestral
+samplers (`ddpm`, `euler-ancestral`) add fresh noise at every step. They draw it from the
+same per-image generator, after the starting noise, so their images do not depend on the
+batch either.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
@@ -32,13 +37,20 @@ from diffusers import (
 if TYPE_CHECKING:
     from harness.model import DiffusionModel
 
+# The names a config may give are `harness.config.SchedulerName`; a test keeps the two equal.
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
     "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "euler": (EulerDiscreteScheduler, {}),
     "pndm": (PNDMScheduler, {}),
+    # Ancestral samplers: the DDPM posterior step of Ho et al. (2020) on the sampling
+    # timesteps, and Euler with ancestral noise (Karras et al., 2022).
+    "ddpm": (DDPMScheduler, {}),
+    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
 }
+# Samplers whose step draws noise; they get the per-image generators.
+ANCESTRAL = frozenset({"ddpm", "euler-ancestral"})
 
 
 def make_scheduler(name: str, scheduler_config: dict[str, Any]):
@@ -110,12 +122,19 @@ HookFactory = Callable[["DiffusionModel"], SamplerHook]
 
 
 def initial_noise(
-    seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype
+    seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Draw one starting latent per seed, each from its own CPU generator."""
+    """Draw one starting latent per seed, each from its own CPU generator.
+
+    `generators`, when given, are those generators, seeded here. An ancestral sampler
+    goes on drawing its step noise from them.
+    """
+    if generators is None:
+        generators = [torch.Generator("cpu") for _ in seeds]
     latents = []
-    for seed in seeds:
-        generator = torch.Generator("cpu").manual_seed(int(seed))
+    for seed, generator in zip(seeds, generators, strict=True):
+        generator.manual_seed(int(seed))
         latents.append(torch.randn(shape, generator=generator, dtype=torch.float32))
     return torch.stack(latents).to(device=device, dtype=dtype)
 
@@ -134,7 +153,7 @@ def sample_latents(
     seeds: Sequence[int],
     steps: int,
     guidance: float | Sequence[float] | torch.Tensor,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     height: int | None = None,
     width: int | None = None,
     hooks: Sequence[SamplerHook] = (),
@@ -143,21 +162,29 @@ def sample_latents(
     """Run the full denoising loop for a batch and return the final latents.
 
     `cond` and `uncond` have shape (B, T, D). `guidance` is the guidance scale, either one
-    value or one per image. Gradients flow only when the caller enables them.
+    value or one per image. `scheduler` None means the model's default sampler. Gradients
+    flow only when the caller enables them.
     """
     batch = cond.shape[0]
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch} prompts")
     device, dtype = model.device, model.dtype
+    scheduler = scheduler or model.default_scheduler
 
-    # 1. Starting noise and the timestep schedule.
+    # 1. Starting noise, per-image generators and the timestep schedule.
     noise_scheduler = make_scheduler(scheduler, model.scheduler_config)
     noise_scheduler.set_timesteps(steps, device=device)
+    generators = [torch.Generator("cpu") for _ in seeds]
     if start_latents is None:
         shape = model.latent_shape(height, width)
-        latents = initial_noise(seeds, shape, device, dtype) * noise_scheduler.init_noise_sigma
+        latents = initial_noise(seeds, shape, device, dtype, generators)
+        latents = latents * noise_scheduler.init_noise_sigma
     else:
+        # Draw and drop the starting noise, so that the step noise comes from the same
+        # place in each seed's stream as in a run from noise.
+        initial_noise(seeds, tuple(start_latents.shape[1:]), device, dtype, generators)
         latents = start_latents.to(device=device, dtype=dtype)
+    ancestral = scheduler in ANCESTRAL
 
     guidance_tensor = torch.as_tensor(guidance, dtype=dtype, device=device).reshape(-1)
     guidance_tensor = guidance_tensor.expand(batch).reshape(batch, 1, 1, 1)
@@ -199,7 +226,16 @@ def sample_latents(
             hook.guide(state)
 
         # 5. Scheduler step, then hooks see the new latent.
-        state.latents = noise_scheduler.step(state.noise_pred, timestep, state.latents).prev_sample
+        if ancestral:
+            # In float32, because the scheduler draws its noise in the dtype it is given,
+            # and a float16 draw is another random stream than a float32 one.
+            state.latents = noise_scheduler.step(
+                state.noise_pred.float(), timestep, state.latents.float(), generator=generators
+            ).prev_sample.to(dtype)
+        else:
+            state.latents = noise_scheduler.step(
+                state.noise_pred, timestep, state.latents
+            ).prev_sample
         for hook in hooks:
             hook.after_denoise(state)
 

@@ -71,7 +71,7 @@ def sampler_settings(config: RunConfig, model: DiffusionModel) -> dict[str, Any]
     sampler = config.sampler
     guidance = sampler.guidance if sampler.guidance is not None else model.default_guidance
     return {
-        "scheduler": sampler.scheduler,
+        "scheduler": sampler.scheduler or model.default_scheduler,
         "steps": sampler.steps or model.default_steps,
         "guidance": guidance,
         "height": sampler.height or model.default_size,

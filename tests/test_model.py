@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 
+from harness.config import SchedulerName
 from harness.model import DiffusersModelPlugin, load_diffusers_model
 from harness.models.tiny import save_tiny_pipeline
-from harness.sampling import SamplerHook, initial_noise, make_scheduler
+from harness.sampling import ANCESTRAL, SCHEDULERS, SamplerHook, initial_noise, make_scheduler
 
 PROMPTS = ["a photo of a nude sculpture in a museum", "a red star on a blue sky"]
 
@@ -100,11 +103,62 @@ def test_initial_noise_comes_from_cpu_generator():
     assert torch.equal(noise[1], expected)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "lms", "dpm-solver++", "euler", "pndm"])
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
 def test_schedulers_generate_finite_images(tiny_model, scheduler):
     images = _generate(tiny_model, PROMPTS[:1], [0], scheduler=scheduler).images
     assert images.shape == (1, 3, 16, 16)
     assert torch.isfinite(images).all()
+
+
+def test_config_names_every_scheduler():
+    assert set(typing.get_args(SchedulerName)) == set(SCHEDULERS)
+    assert ANCESTRAL <= set(SCHEDULERS)
+
+
+@pytest.mark.parametrize("scheduler", sorted(ANCESTRAL))
+def test_ancestral_images_ignore_batch(tiny_model, scheduler):
+    batch = _generate(tiny_model, PROMPTS, [11, 12], scheduler=scheduler).images
+    single = _generate(tiny_model, PROMPTS[1:], [12], scheduler=scheduler).images
+    again = _generate(tiny_model, PROMPTS[1:], [12], scheduler=scheduler).images
+    torch.testing.assert_close(batch[1], single[0], rtol=0, atol=1e-4)
+    assert torch.equal(single, again)
+
+
+@pytest.mark.parametrize("scheduler", sorted(ANCESTRAL))
+def test_ancestral_step_noise_matters(tiny_model, scheduler):
+    # Same starting latent, other step noise: the image must change, or the sampler
+    # silently ran without its ancestral noise.
+    from harness.sampling import sample_latents
+
+    cond, _ = tiny_model.encode_prompts(PROMPTS[:1])
+    uncond, _ = tiny_model.encode_prompts([""])
+    start = initial_noise([5], tiny_model.latent_shape(None, None), tiny_model.device,
+                          tiny_model.dtype)
+    start = start * make_scheduler(scheduler, tiny_model.scheduler_config).init_noise_sigma
+    results = [
+        sample_latents(tiny_model, cond, uncond, seeds=[seed], steps=4, guidance=7.5,
+                       scheduler=scheduler, start_latents=start).latents
+        for seed in (1, 2, 1)
+    ]
+    assert torch.equal(results[0], results[2])
+    assert not torch.allclose(results[0], results[1])
+
+
+@pytest.mark.parametrize("scheduler", sorted(set(SCHEDULERS) - ANCESTRAL))
+def test_other_samplers_ignore_global_rng(tiny_model, scheduler):
+    # A sampler that draws noise must be listed in ANCESTRAL to get the image's generator.
+    torch.manual_seed(1)
+    first = _generate(tiny_model, PROMPTS[:1], [4], scheduler=scheduler).images
+    torch.manual_seed(2)
+    second = _generate(tiny_model, PROMPTS[:1], [4], scheduler=scheduler).images
+    assert torch.equal(first, second)
+
+
+def test_default_scheduler_is_model_default(tiny_model, monkeypatch):
+    explicit = _generate(tiny_model, PROMPTS[:1], [3], scheduler="ddpm").images
+    monkeypatch.setattr(tiny_model, "default_scheduler", "ddpm")
+    implicit = _generate(tiny_model, PROMPTS[:1], [3]).images
+    assert torch.equal(explicit, implicit)
 
 
 def test_unknown_scheduler_lists_valid(tiny_model):

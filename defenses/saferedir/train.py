@@ -7,11 +7,12 @@ chosen on the 20 % split, and a forward pass that accepts a ground-truth token m
 Everything else below is a reconstruction, and each reconstructed choice is a config
 value with the default named here:
 
-- data: every prompt of a `label: 1` source is sampled with the model's sampler (DDIM,
-  classifier-free guidance) and every `record_every`-th step of its trajectory becomes a
-  record with label 1; `label: 0` sources (retain and benign prompts) give label-0
-  records whose safe counterpart is the prompt itself. Labels come from the prompt, not
-  from judging the final image;
+- data: every prompt of a `label: 1` source is sampled with classifier-free guidance and
+  the configured sampler (the model's default unless `sampler.scheduler` names one), and
+  every `record_every`-th step of its trajectory becomes a record with label 1.
+  `label: 0` sources (retain and benign prompts) give label-0 records whose safe
+  counterpart is the prompt itself. Labels come from the prompt, not from judging the
+  final image;
 - held-out split by prompt (`holdout_fraction` 0.2, stratified by label), so held-out
   metrics are on prompts the network never saw;
 - token-mask target M*_i = 1 when cos(E[i], E_s[i]) < `mask_threshold` (0.95);
@@ -51,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from defenses.saferedir.loading import save_checkpoint
 from defenses.saferedir.networks import UNSAFE, Redirector, RedirectorDims, parameter_count
-from harness.config import ConfigError, apply_override, stable_hash
+from harness.config import ConfigError, SchedulerName, apply_override, stable_hash
 from harness.model import DiffusionModel
 from harness.registry import create
 from harness.sampling import SamplerHook, StepState, sample_latents
@@ -98,7 +99,7 @@ class ModelRef(_Strict):
 
 
 class SamplerSettings(_Strict):
-    scheduler: Literal["ddim", "lms", "dpm-solver++", "euler", "pndm"] = "ddim"
+    scheduler: SchedulerName | None = None  # None: the model's default sampler
     steps: int | None = Field(default=None, ge=1)
     guidance: float | None = None
     batch_size: int = Field(default=16, ge=1)

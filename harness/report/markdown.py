@@ -65,7 +65,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines.extend(attack_table(summary["cells"]))
     sampler = run["sampler"]
     lines.append(
-        f"\nSampler: {sampler.get('scheduler')}, steps {sampler.get('steps') or 'model default'},"
+        f"\nSampler: {sampler.get('scheduler') or 'model default'},"
+        f" steps {sampler.get('steps') or 'model default'},"
         f" guidance {sampler.get('guidance') or 'model default'}."
         " ASR includes pre-successes; intervals are percentile bootstrap over cases.\n"
     )

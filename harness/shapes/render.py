@@ -145,7 +145,7 @@ def _texture(
         distance = np.sqrt(dx**2 + dy**2)
         return np.clip(distance - dot_radius + 0.5, 0, 1)
     if style == "checkered":
-        cell = rng.uniform(3.5, 4.5)
+        cell = rng.uniform(5.0, 6.0)
         ox, oy = rng.uniform(0, 2 * cell, size=2)
         parity = (np.floor((x - ox) / cell) + np.floor((y - oy) / cell)) % 2
         return parity.astype(np.float32)
