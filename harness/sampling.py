@@ -37,7 +37,8 @@ from diffusers import (
 if TYPE_CHECKING:
     from harness.model import DiffusionModel
 
-# The names a config may give are `harness.config.SchedulerName`; a test keeps the two equal.
+# A config names these samplers through `harness.config.SchedulerName`, and a test keeps the
+# two lists equal.
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
@@ -49,7 +50,7 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
     "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
 }
-# Samplers whose step draws noise; they get the per-image generators.
+# Samplers whose step draws noise. They get the per-image generators.
 ANCESTRAL = frozenset({"ddpm", "euler-ancestral"})
 
 

@@ -6,8 +6,9 @@ package folder. A small diffusers `UNet2DConditionModel` cross-attends to MiniLM
 hidden state, with every prompt padded to `MAX_LENGTH` tokens. Latents come from a fixed
 pixel-unshuffle codec. The default sampler takes DDPM's ancestral step (Ho et al., 2020) on
 20 of the 1,000 training timesteps. On the shipped weights it met one quality bar more
-than DDIM, by a margin within noise (`harness/shapes/README.md`). The UNet weights ship in `harness/shapes/weights/`;
-`arena shapes train` (or `python -m harness.shapes.cli train`) reproduces them.
+than DDIM, by a margin within noise (`harness/shapes/README.md`). The UNet weights ship
+in `harness/shapes/weights/`, and `arena shapes train` (or `python -m harness.shapes.cli
+train`) reproduces them.
 
 NOTE: the shipped 4,000-step UNet misses one quality bar of `harness/shapes/quality.py`:
 the oracle reads swirl in 5 of the 60 images of swirl retain prompts (bar: at most 5%),
