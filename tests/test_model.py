@@ -10,7 +10,14 @@ import torch
 from harness.config import SchedulerName
 from harness.model import DiffusersModelPlugin, load_diffusers_model
 from harness.models.tiny import save_tiny_pipeline
-from harness.sampling import ANCESTRAL, SCHEDULERS, SamplerHook, initial_noise, make_scheduler
+from harness.sampling import (
+    ANCESTRAL,
+    SCHEDULERS,
+    SamplerHook,
+    initial_noise,
+    make_scheduler,
+    sample_latents,
+)
 
 PROMPTS = ["a photo of a nude sculpture in a museum", "a red star on a blue sky"]
 
@@ -128,8 +135,6 @@ def test_ancestral_images_ignore_batch(tiny_model, scheduler):
 def test_ancestral_step_noise_matters(tiny_model, scheduler):
     # Same starting latent, other step noise: the image must change, or the sampler
     # silently ran without its ancestral noise.
-    from harness.sampling import sample_latents
-
     cond, _ = tiny_model.encode_prompts(PROMPTS[:1])
     uncond, _ = tiny_model.encode_prompts([""])
     start = initial_noise([5], tiny_model.latent_shape(None, None), tiny_model.device,
