@@ -63,6 +63,8 @@ TEMPLATES = {
         "a small {s} {c} {n}{bg}",
         "clip art of a {s} {c} {n}{bg}",
         "{c} {n}, {s}{bg}",
+        # NOTE: nouns ending in "shape" come out doubled ("star shape shape"). A fix changes
+        # the training captions and prompt sets, so it waits for the next UNet retraining.
         "a simple {s} {c} {n} shape{bg}",
         "an illustration of a {c} {s} {n}{bg}",
         "one {s} {n} in {c}{bg}",

@@ -185,7 +185,7 @@ def train_oracle(config: OracleTrainingConfig, output: Path) -> OracleTrainingRe
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
 
     test_images, test_labels = render_labelled(config.test_size, seed=config.seed + 10_000)
     measured = accuracy(net, test_images, test_labels)

@@ -236,7 +236,7 @@ def train_unet(
         scheduler.step()
         _ema_update(ema, unet, min(config.ema_decay, (1 + step) / (10 + step)))
 
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:

@@ -207,6 +207,20 @@ def test_unlearndiffatk_step_overhead(benchmark, attack_model):
 # -- several cases in one batch -------------------------------------------------------------
 
 
+def assert_same_work(batched, alone):
+    """Check that a batch did each case's work: iterations, denoiser calls, first loss.
+
+    Prompts may differ. A batched pass rounds differently from a batch of one (near 1e-6
+    relative on the shapes model), and UnlearnDiffAtk samples its tokens, so a near-tied
+    draw can part the runs. tests/test_attacks.py checks equal prompts on tiny-random-sd.
+    A batch encodes the negative prompt once, so text-encoder calls differ.
+    """
+    for together, lone in zip(batched, alone, strict=True):
+        assert together.iterations == lone.iterations
+        assert together.denoiser_calls == lone.denoiser_calls
+        assert together.loss_trace[:1] == pytest.approx(lone.loss_trace[:1], rel=1e-4)
+
+
 def _batch_benchmark(benchmark, attack_model, attack, label, judge=None):
     model, name = attack_model
     context = _context(model, judge=judge)
@@ -222,9 +236,12 @@ def _batch_benchmark(benchmark, attack_model, attack, label, judge=None):
     alone = one_at_a_time()
     baseline = time.perf_counter() - started
     batched = benchmark.pedantic(together, rounds=1, iterations=1)
-    assert [r.prompt for r in batched] == [r.prompt for r in alone]
+    assert_same_work(batched, alone)
     ratio = baseline / benchmark.stats.stats.min
     benchmark.extra_info["model"] = name
+    same = sum(one.prompt == other.prompt for one, other in zip(batched, alone, strict=True))
+    benchmark.extra_info["same_prompts"] = same
+    print(f"{label}: {same} of {len(CASES)} cases returned the prompt of a lone run")
     report_ratio(benchmark, label, ratio, ">= 1.5")
     assert ratio >= 1.5
 
