@@ -368,3 +368,50 @@ def test_style_confusion_rows_are_labels():
     assert sum(sum(row.values()) for row in counts.values()) == 3
     assert attribute_agreement(predicted, labels) == {"shape": 0.6667, "colour": 1.0,
                                                       "style": 0.6667}
+
+
+@pytest.mark.parametrize(("attribute", "strays"), [
+    ("shape", {"orb", "pentagram"}),
+    ("colour", {"scarlet", "amber", "azure", "plum"}),
+    ("style", set()),
+])
+def test_heldout_words_encoder_neighbours(attribute, strays):
+    """The held-out words that MiniLM does not place nearest their own value."""
+    from harness.shapes.captions import COLOUR_WORDS, SHAPE_WORDS, STYLE_WORDS
+    from harness.shapes.quality import heldout_word_similarities
+
+    table = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "style": STYLE_WORDS}[attribute]
+    own_value = {words[-1]: value for value, words in table.items()}
+
+    similarities = heldout_word_similarities(attribute)
+    found = {word for word, row in similarities.items()
+             if max(row, key=row.get) != own_value[word]}
+
+    if attribute == "shape":
+        # "pentagram" ties star and square, and either may win by float rounding.
+        row = similarities["pentagram"]
+        assert abs(row["star"] - row["square"]) < 0.005
+        found.add("pentagram")
+    assert found == strays
+
+
+def test_heldout_word_following_counts_uses():
+    from harness.shapes.quality import heldout_word_following
+    from harness.shapes.render import Scene
+
+    pairs = [
+        (Scene("star", "blue", "plain", "any"), "a single pentagram, azure and plain"),
+        (Scene("star", "blue", "plain", "any"), "a single star, azure and plain"),
+        (Scene("circle", "red", "plain", "any"), "a single circle, red and plain"),
+    ]
+    predicted = {"shape": ["cross", "star", "circle"], "colour": ["green", "blue", "red"],
+                 "style": ["plain"] * 3}
+
+    rows = heldout_word_following(pairs, predicted)
+
+    assert rows["shape"]["pentagram"]["images"] == 1
+    assert rows["shape"]["pentagram"]["share"] == 0.0
+    assert rows["colour"]["azure"] == {"value": "blue", "images": 2, "share": 0.5,
+                                       "encoder_nearest": "green"}
+    assert rows["shape"]["orb"]["images"] == 0
+    assert rows["shape"]["orb"]["share"] is None

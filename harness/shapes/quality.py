@@ -7,6 +7,8 @@
   measures model and oracle together. A low number means that one of the two is wrong.
 - The style confusion per split: for each fill style a caption asks for, how many images
   the oracle reads as each style.
+- Per word that only the held-out split uses ("pentagram", "azure", ...): the share of its
+  images that show its value, beside the value that the frozen MiniLM places it nearest.
 - Per erasure task: the share of forget-prompt images with the concept present (the
   undefended model should show it) and of retain-prompt images (it should not).
 
@@ -17,6 +19,7 @@ Every image comes from the model's default sampler (`default_scheduler`, `defaul
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.shapes.captions import scenes_with_captions
-from harness.shapes.model import load_shapes_model
+from harness.shapes.captions import (
+    COLOUR_WORDS,
+    SHAPE_WORDS,
+    STYLE_WORDS,
+    TEMPLATES,
+    format_caption,
+    scenes_with_captions,
+    words_for,
+)
+from harness.shapes.model import load_shapes_model, load_text_encoder
 from harness.shapes.oracle import ATTRIBUTES, load_oracle, predict, render_labelled
 from harness.shapes.tasks import TASKS, prompt_pairs
 
@@ -125,6 +136,11 @@ def measure_quality(weights: Path, per_split: int = 240, per_task: int = 60) -> 
         report["prompt_following"][split] = {"images": per_split, **shares}
         report["style_confusion"][split] = confusion(predicted, scene_labels, "style")
         log.info("prompt following on %s captions: %s", split, shares)
+        if split == "heldout":
+            report["heldout_words"] = heldout_word_following(pairs, predicted)
+            log.info("share showing its value, per held-out word: %s", ", ".join(
+                f"{word} {row['share']}" for rows in report["heldout_words"].values()
+                for word, row in rows.items()))
 
     # 3. Concept presence per task, forget and retain prompts.
     report["tasks"] = {}
@@ -163,6 +179,79 @@ def check_bars(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         bars[f"{name} retain present <= {RETAIN_BAR}"] = {
             "measured": retain, "met": retain <= RETAIN_BAR}
     return bars
+
+
+# The held-out sentence that probes one word, with the other two attributes at their
+# canonical words ("a single pentagram, red and plain").
+_PROBE_TEMPLATE = TEMPLATES["heldout"][1]
+_PROBE_WORDS = {"shape": "circle", "colour": "red", "style": "plain"}
+_WORD_TABLES = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "style": STYLE_WORDS}
+
+
+def heldout_word_similarities(attribute: str) -> dict[str, dict[str, float]]:
+    """Return, per held-out word of `attribute`, its similarity to each value's train words.
+
+    Each word fills one slot of a held-out sentence, and MiniLM's token states are
+    mean-pooled over the sentence. The similarity to a value is the average cosine with
+    the same sentence holding each of that value's train-split words. A held-out word
+    that is not nearest its own value tests the frozen text encoder's vocabulary more
+    than the diffusion model.
+    """
+    tokenizer, text_encoder = load_text_encoder()
+    table = _WORD_TABLES[attribute]
+
+    def pooled(words: list[str]) -> torch.Tensor:
+        sentences = []
+        for word in words:
+            slots = {**_PROBE_WORDS, attribute: word}
+            sentences.append(format_caption(
+                _PROBE_TEMPLATE, slots["shape"], slots["colour"], slots["style"], ""))
+        tokens = tokenizer(sentences, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            states = text_encoder(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+
+    train_vectors = {value: pooled(words_for(table, value, "train")) for value in table}
+    similarities = {}
+    for words in table.values():
+        heldout_word = words[-1]  # the held-out split's own word (see `words_for`)
+        vector = pooled([heldout_word])[0]
+        similarities[heldout_word] = {
+            other: round(float((vectors @ vector).mean()), 4)
+            for other, vectors in train_vectors.items()
+        }
+    return similarities
+
+
+def heldout_word_following(
+    pairs: list[tuple[Any, str]], predicted: dict[str, list[str]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Return, per word that only the held-out split uses, how often the oracle reads its value.
+
+    For each such word: its value, the images whose caption uses it, the share of those
+    whose oracle reading is the value, and the value whose train words MiniLM places
+    nearest (`heldout_word_similarities`).
+    """
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for attribute, table in _WORD_TABLES.items():
+        similarities = heldout_word_similarities(attribute)
+        rows = {}
+        for value, words in table.items():
+            word = words[-1]
+            pattern = re.compile(rf"\b{re.escape(word)}\b")
+            uses = [i for i, (scene, text) in enumerate(pairs)
+                    if getattr(scene, attribute) == value and pattern.search(text)]
+            hits = sum(predicted[attribute][i] == value for i in uses)
+            row = similarities[word]
+            rows[word] = {
+                "value": value,
+                "images": len(uses),
+                "share": round(hits / len(uses), 4) if uses else None,
+                "encoder_nearest": max(row, key=row.get),
+            }
+        result[attribute] = rows
+    return result
 
 
 def save_sample_grid(weights: Path, path: Path, per_row: int = 8) -> None:
