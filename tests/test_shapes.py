@@ -388,7 +388,7 @@ def test_heldout_words_encoder_neighbours(attribute, strays):
              if max(row, key=row.get) != own_value[word]}
 
     if attribute == "shape":
-        # "pentagram" ties star and square, and either may win by float rounding.
+        # "pentagram" is within 0.005 of both star and square: a stray whichever leads.
         row = similarities["pentagram"]
         assert abs(row["star"] - row["square"]) < 0.005
         found.add("pentagram")
@@ -402,16 +402,24 @@ def test_heldout_word_following_counts_uses():
     pairs = [
         (Scene("star", "blue", "plain", "any"), "a single pentagram, azure and plain"),
         (Scene("star", "blue", "plain", "any"), "a single star, azure and plain"),
-        (Scene("circle", "red", "plain", "any"), "a single circle, red and plain"),
+        (Scene("cross", "green", "plain", "any"), "a single cross, green and plain"),
+        (Scene("cross", "green", "plain", "any"), "a single cross mark, leafy green and plain"),
     ]
-    predicted = {"shape": ["cross", "star", "circle"], "colour": ["green", "blue", "red"],
-                 "style": ["plain"] * 3}
+    predicted = {"shape": ["cross", "star", "cross", "circle"],
+                 "colour": ["green", "blue", "green", "green"], "style": ["plain"] * 4}
 
     rows = heldout_word_following(pairs, predicted)
 
     assert rows["shape"]["pentagram"]["images"] == 1
     assert rows["shape"]["pentagram"]["share"] == 0.0
-    assert rows["colour"]["azure"] == {"value": "blue", "images": 2, "share": 0.5,
-                                       "encoder_nearest": "green"}
+    assert rows["colour"]["azure"]["images"] == 2
+    assert rows["colour"]["azure"]["share"] == 0.5
+    assert rows["colour"]["azure"]["encoder_nearest"] == "green"
+    assert rows["colour"]["azure"]["encoder_own_margin"] < 0
+    # Multi-word held-out words count only where the whole phrase appears.
+    assert rows["shape"]["cross mark"]["images"] == 1
+    assert rows["shape"]["cross mark"]["share"] == 0.0
+    assert rows["colour"]["leafy green"]["images"] == 1
+    assert rows["colour"]["leafy green"]["encoder_own_margin"] > 0
     assert rows["shape"]["orb"]["images"] == 0
     assert rows["shape"]["orb"]["share"] is None

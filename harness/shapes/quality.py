@@ -18,6 +18,7 @@ Every image comes from the model's default sampler (`default_scheduler`, `defaul
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -138,9 +139,10 @@ def measure_quality(weights: Path, per_split: int = 240, per_task: int = 60) -> 
         log.info("prompt following on %s captions: %s", split, shares)
         if split == "heldout":
             report["heldout_words"] = heldout_word_following(pairs, predicted)
-            log.info("share showing its value, per held-out word: %s", ", ".join(
-                f"{word} {row['share']}" for rows in report["heldout_words"].values()
-                for word, row in rows.items()))
+            shares_by_word = []
+            for rows in report["heldout_words"].values():
+                shares_by_word += [f"{word} {row['share']}" for word, row in rows.items()]
+            log.info("share showing its value, per held-out word: %s", ", ".join(shares_by_word))
 
     # 3. Concept presence per task, forget and retain prompts.
     report["tasks"] = {}
@@ -194,10 +196,9 @@ def heldout_word_similarities(attribute: str) -> dict[str, dict[str, float]]:
     Each word fills one slot of a held-out sentence, and MiniLM's token states are
     mean-pooled over the sentence. The similarity to a value is the average cosine with
     the same sentence holding each of that value's train-split words. A held-out word
-    that is not nearest its own value tests the frozen text encoder's vocabulary more
-    than the diffusion model.
+    that is not nearest its own value is one the frozen encoder may not relate to it.
     """
-    tokenizer, text_encoder = load_text_encoder()
+    tokenizer, text_encoder = _text_encoder()
     table = _WORD_TABLES[attribute]
 
     def pooled(words: list[str]) -> torch.Tensor:
@@ -218,10 +219,14 @@ def heldout_word_similarities(attribute: str) -> dict[str, dict[str, float]]:
         heldout_word = words[-1]  # the held-out split's own word (see `words_for`)
         vector = pooled([heldout_word])[0]
         similarities[heldout_word] = {
-            other: round(float((vectors @ vector).mean()), 4)
-            for other, vectors in train_vectors.items()
+            other: float((vectors @ vector).mean()) for other, vectors in train_vectors.items()
         }
     return similarities
+
+
+@functools.cache
+def _text_encoder():
+    return load_text_encoder()
 
 
 def heldout_word_following(
@@ -229,9 +234,10 @@ def heldout_word_following(
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Return, per word that only the held-out split uses, how often the oracle reads its value.
 
-    For each such word: its value, the images whose caption uses it, the share of those
-    whose oracle reading is the value, and the value whose train words MiniLM places
-    nearest (`heldout_word_similarities`).
+    For each such word: its value, the images whose caption uses it, and the share of
+    those whose oracle reading is the value. Then the value whose train words MiniLM
+    places nearest (`heldout_word_similarities`), and by how much the word's own value
+    leads the best other one (negative when another value is nearer).
     """
     result: dict[str, dict[str, dict[str, Any]]] = {}
     for attribute, table in _WORD_TABLES.items():
@@ -244,11 +250,13 @@ def heldout_word_following(
                     if getattr(scene, attribute) == value and pattern.search(text)]
             hits = sum(predicted[attribute][i] == value for i in uses)
             row = similarities[word]
+            best_other = max(similarity for other, similarity in row.items() if other != value)
             rows[word] = {
                 "value": value,
                 "images": len(uses),
                 "share": round(hits / len(uses), 4) if uses else None,
                 "encoder_nearest": max(row, key=row.get),
+                "encoder_own_margin": round(row[value] - best_other, 4),
             }
         result[attribute] = rows
     return result
