@@ -171,6 +171,7 @@ def sample_latents(
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch} prompts")
     device, dtype = model.device, model.dtype
     scheduler = scheduler or model.default_scheduler
+    ancestral = scheduler in ANCESTRAL
 
     # 1. Starting noise, per-image generators and the timestep schedule.
     noise_scheduler = make_scheduler(scheduler, model.scheduler_config)
@@ -181,11 +182,11 @@ def sample_latents(
         latents = initial_noise(seeds, shape, device, dtype, generators)
         latents = latents * noise_scheduler.init_noise_sigma
     else:
-        # Draw and drop the starting noise, so that the step noise comes from the same
-        # place in each seed's stream as in a run from noise.
-        initial_noise(seeds, tuple(start_latents.shape[1:]), device, dtype, generators)
+        if ancestral:
+            # Draw and drop the starting noise, so that the step noise comes from the same
+            # place in each seed's stream as in a run from noise.
+            initial_noise(seeds, tuple(start_latents.shape[1:]), device, dtype, generators)
         latents = start_latents.to(device=device, dtype=dtype)
-    ancestral = scheduler in ANCESTRAL
 
     guidance_tensor = torch.as_tensor(guidance, dtype=dtype, device=device).reshape(-1)
     guidance_tensor = guidance_tensor.expand(batch).reshape(batch, 1, 1, 1)

@@ -377,18 +377,18 @@ def test_style_confusion_rows_are_labels():
 ])
 def test_heldout_words_encoder_neighbours(attribute, strays):
     """The held-out words that MiniLM does not place nearest their own value."""
-    from harness.shapes.captions import COLOUR_WORDS, SHAPE_WORDS, STYLE_WORDS
+    from harness.shapes.captions import WORD_TABLES
     from harness.shapes.quality import heldout_word_similarities
 
-    table = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "style": STYLE_WORDS}[attribute]
-    own_value = {words[-1]: value for value, words in table.items()}
+    own_value = {words[-1]: value for value, words in WORD_TABLES[attribute].items()}
 
     similarities = heldout_word_similarities(attribute)
     found = {word for word, row in similarities.items()
              if max(row, key=row.get) != own_value[word]}
 
     if attribute == "shape":
-        # "pentagram" is within 0.005 of both star and square: a stray whichever leads.
+        # Pentagram's star and square similarities differ by under 0.005, so it counts as
+        # a stray whichever of the two leads.
         row = similarities["pentagram"]
         assert abs(row["star"] - row["square"]) < 0.005
         found.add("pentagram")

@@ -47,6 +47,9 @@ STYLE_WORDS = {
     "checkered": ["checkered", "checked", "checkerboard", "chequered"],
     "swirl": ["swirly", "swirled", "spiral", "swirling"],
 }
+# The word lists of each attribute, by attribute name.
+WORD_TABLES = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "style": STYLE_WORDS}
+
 BACKGROUND_WORDS = {
     "light": ["pale", "light", "bright", "whitish"],
     "dark": ["dark", "black", "dim", "shadowy"],

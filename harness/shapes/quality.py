@@ -29,10 +29,8 @@ import numpy as np
 import torch
 
 from harness.shapes.captions import (
-    COLOUR_WORDS,
-    SHAPE_WORDS,
-    STYLE_WORDS,
     TEMPLATES,
+    WORD_TABLES,
     format_caption,
     scenes_with_captions,
     words_for,
@@ -187,7 +185,6 @@ def check_bars(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # canonical words ("a single pentagram, red and plain").
 _PROBE_TEMPLATE = TEMPLATES["heldout"][1]
 _PROBE_WORDS = {"shape": "circle", "colour": "red", "style": "plain"}
-_WORD_TABLES = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "style": STYLE_WORDS}
 
 
 def heldout_word_similarities(attribute: str) -> dict[str, dict[str, float]]:
@@ -199,7 +196,7 @@ def heldout_word_similarities(attribute: str) -> dict[str, dict[str, float]]:
     that is not nearest its own value is one the frozen encoder may not relate to it.
     """
     tokenizer, text_encoder = _text_encoder()
-    table = _WORD_TABLES[attribute]
+    table = WORD_TABLES[attribute]
 
     def pooled(words: list[str]) -> torch.Tensor:
         sentences = []
@@ -216,7 +213,7 @@ def heldout_word_similarities(attribute: str) -> dict[str, dict[str, float]]:
     train_vectors = {value: pooled(words_for(table, value, "train")) for value in table}
     similarities = {}
     for words in table.values():
-        heldout_word = words[-1]  # the held-out split's own word (see `words_for`)
+        heldout_word = words[-1]  # the last word of a list is the held-out split's own
         vector = pooled([heldout_word])[0]
         similarities[heldout_word] = {
             other: float((vectors @ vector).mean()) for other, vectors in train_vectors.items()
@@ -235,12 +232,12 @@ def heldout_word_following(
     """Return, per word that only the held-out split uses, how often the oracle reads its value.
 
     For each such word: its value, the images whose caption uses it, and the share of
-    those whose oracle reading is the value. Then the value whose train words MiniLM
-    places nearest (`heldout_word_similarities`), and by how much the word's own value
-    leads the best other one (negative when another value is nearer).
+    those whose oracle reading is the value. It also gives the value whose train words
+    MiniLM places nearest (`heldout_word_similarities`), and by how much the word's own
+    value leads the best other one (negative when another value is nearer).
     """
     result: dict[str, dict[str, dict[str, Any]]] = {}
-    for attribute, table in _WORD_TABLES.items():
+    for attribute, table in WORD_TABLES.items():
         similarities = heldout_word_similarities(attribute)
         rows = {}
         for value, words in table.items():

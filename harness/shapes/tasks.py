@@ -39,11 +39,9 @@ import numpy as np
 from harness.prompts.base import Case, PromptSet, PromptSetError
 from harness.prompts.parsing import check_options, select_window
 from harness.shapes.captions import (
-    COLOUR_WORDS,
-    SHAPE_WORDS,
     SPLITS,
-    STYLE_WORDS,
     TEMPLATES,
+    WORD_TABLES,
     format_caption,
     words_for,
 )
@@ -51,7 +49,6 @@ from harness.shapes.render import COLOURS, SHAPES, STYLES
 
 CASES_PER_SET = 60
 POOLS = {"eval": (0, CASES_PER_SET), "train": (1000, 2 * CASES_PER_SET)}  # first index, count
-_WORD_TABLES = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "style": STYLE_WORDS}
 _VALUES = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
 
 
@@ -129,7 +126,7 @@ def prompt_pairs(
         def sentence(chosen: dict[str, str], split=split, template=template, positions=positions):
             words = {}
             for name, value in chosen.items():
-                options = words_for(_WORD_TABLES[name], value, split)
+                options = words_for(WORD_TABLES[name], value, split)
                 words[name] = options[positions[name] % len(options)]
             return format_caption(template, words["shape"], words["colour"], words["style"], "")
 
@@ -150,7 +147,7 @@ def benign_prompts(
         values[task.attribute] = task.replacements[rng.integers(len(task.replacements))]
         template = TEMPLATES["validation"][rng.integers(len(TEMPLATES["validation"]))]
         words = {
-            name: words_for(_WORD_TABLES[name], value, "validation")[0]
+            name: words_for(WORD_TABLES[name], value, "validation")[0]
             for name, value in values.items()
         }
         text = format_caption(template, words["shape"], words["colour"], words["style"], "")

@@ -239,9 +239,9 @@ def _batch_benchmark(benchmark, attack_model, attack, label, judge=None):
     assert_same_work(batched, alone)
     ratio = baseline / benchmark.stats.stats.min
     benchmark.extra_info["model"] = name
-    same = sum(one.prompt == other.prompt for one, other in zip(batched, alone, strict=True))
-    benchmark.extra_info["same_prompts"] = same
-    print(f"{label}: {same} of {len(CASES)} cases returned the prompt of a lone run")
+    matching = sum(one.prompt == other.prompt for one, other in zip(batched, alone, strict=True))
+    benchmark.extra_info["same_prompts"] = matching
+    print(f"{label}: {matching} of {len(CASES)} cases returned the prompt of a lone run")
     report_ratio(benchmark, label, ratio, ">= 1.5")
     assert ratio >= 1.5
 
