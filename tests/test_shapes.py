@@ -7,6 +7,8 @@ fails here.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from harness.shapes.captions import (
     SHAPE_WORDS,
     SPLITS,
     STYLE_WORDS,
+    WORD_TABLES,
     all_captions,
     scenes_with_captions,
     words_for,
@@ -80,7 +83,16 @@ def test_heldout_synonyms_absent_from_train():
     train_words = {w for shape in SHAPES for w in words_for(SHAPE_WORDS, shape, "train")}
     assert not heldout_only & train_words
     captions = [text for _, text in scenes_with_captions(300, "train", seed=3)]
-    assert not any("pentagram" in text for text in captions)
+    for table in WORD_TABLES.values():
+        for words in table.values():
+            pattern = re.compile(rf"\b{re.escape(words[-1])}\b")
+            assert not any(pattern.search(text) for text in captions), words[-1]
+
+
+def test_no_doubled_shape_noun():
+    captions = [text for _, text in scenes_with_captions(2000, "train", seed=4)]
+    assert any(re.search(r"\bstar shape\b", text) for text in captions)
+    assert not any("shape shape" in text for text in captions)
 
 
 def test_captions_fit_token_length(shapes_model):
@@ -269,8 +281,7 @@ def test_star_words_only_in_forget_prompts():
     assert all(any(word in case.prompt for word in star_words) for case in forget)
     for kind in ("retain", "benign"):
         for case in create("prompt_sets", f"shapes/star/{kind}").load():
-            assert "star" not in case.prompt, case.prompt
-            assert "pentagram" not in case.prompt, case.prompt
+            assert not any(word in case.prompt for word in star_words), case.prompt
 
 
 @pytest.mark.parametrize("kind", ["forget", "retain", "benign"])
@@ -370,38 +381,27 @@ def test_style_confusion_rows_are_labels():
                                                       "style": 0.6667}
 
 
-@pytest.mark.parametrize(("attribute", "strays"), [
-    ("shape", {"orb", "pentagram"}),
-    ("colour", {"scarlet", "amber", "azure", "plum"}),
-    ("style", set()),
-])
-def test_heldout_words_encoder_neighbours(attribute, strays):
-    """The held-out words that MiniLM does not place nearest their own value."""
-    from harness.shapes.captions import WORD_TABLES
+@pytest.mark.parametrize("attribute", ["shape", "colour", "style"])
+def test_heldout_words_nearest_own_value(attribute):
+    """The rule the held-out words were chosen by: MiniLM places each nearest its value."""
     from harness.shapes.quality import heldout_word_similarities
 
     own_value = {words[-1]: value for value, words in WORD_TABLES[attribute].items()}
 
     similarities = heldout_word_similarities(attribute)
-    found = {word for word, row in similarities.items()
-             if max(row, key=row.get) != own_value[word]}
 
-    if attribute == "shape":
-        # Pentagram's star and square similarities differ by under 0.005, so it counts as
-        # a stray whichever of the two leads.
-        row = similarities["pentagram"]
-        assert abs(row["star"] - row["square"]) < 0.005
-        found.add("pentagram")
-    assert found == strays
+    for word, row in similarities.items():
+        best_other = max(s for value, s in row.items() if value != own_value[word])
+        assert row[own_value[word]] > best_other, (word, row)
 
 
 def test_heldout_word_following_counts_uses():
-    from harness.shapes.quality import heldout_word_following
+    from harness.shapes.quality import heldout_word_following, heldout_word_similarities
     from harness.shapes.render import Scene
 
     pairs = [
-        (Scene("star", "blue", "plain", "any"), "a single pentagram, azure and plain"),
-        (Scene("star", "blue", "plain", "any"), "a single star, azure and plain"),
+        (Scene("star", "blue", "plain", "any"), "a single starburst, navy blue and plain"),
+        (Scene("star", "blue", "plain", "any"), "a single star, navy blue and plain"),
         (Scene("cross", "green", "plain", "any"), "a single cross, green and plain"),
         (Scene("cross", "green", "plain", "any"), "a single cross mark, leafy green and plain"),
     ]
@@ -410,16 +410,17 @@ def test_heldout_word_following_counts_uses():
 
     rows = heldout_word_following(pairs, predicted)
 
-    assert rows["shape"]["pentagram"]["images"] == 1
-    assert rows["shape"]["pentagram"]["share"] == 0.0
-    assert rows["colour"]["azure"]["images"] == 2
-    assert rows["colour"]["azure"]["share"] == 0.5
-    assert rows["colour"]["azure"]["encoder_nearest"] == "green"
-    assert rows["colour"]["azure"]["encoder_own_margin"] < 0
+    assert rows["shape"]["starburst"]["images"] == 1
+    assert rows["shape"]["starburst"]["share"] == 0.0
+    assert rows["colour"]["navy blue"]["images"] == 2
+    assert rows["colour"]["navy blue"]["share"] == 0.5
+    assert rows["colour"]["navy blue"]["encoder_nearest"] == "blue"
+    similarity = heldout_word_similarities("colour")["navy blue"]
+    margin = similarity["blue"] - max(s for v, s in similarity.items() if v != "blue")
+    assert rows["colour"]["navy blue"]["encoder_own_margin"] == round(margin, 4)
     # Multi-word held-out words count only where the whole phrase appears.
     assert rows["shape"]["cross mark"]["images"] == 1
     assert rows["shape"]["cross mark"]["share"] == 0.0
     assert rows["colour"]["leafy green"]["images"] == 1
-    assert rows["colour"]["leafy green"]["encoder_own_margin"] > 0
-    assert rows["shape"]["orb"]["images"] == 0
-    assert rows["shape"]["orb"]["share"] is None
+    assert rows["shape"]["circular disc"]["images"] == 0
+    assert rows["shape"]["circular disc"]["share"] is None

@@ -23,22 +23,23 @@ from harness.shapes.render import BACKGROUND_TONES, COLOURS, SHAPES, STYLES, Sce
 SPLITS = ("train", "validation", "heldout")
 
 # Words for each attribute value. The last word of each list is used only by the held-out
-# split; the first is the canonical word, which prompt sets use.
+# split; the first is the canonical word, which prompt sets use. Each held-out word is one
+# that the frozen MiniLM places nearest its own value (the rule in harness/shapes/README.md).
 SHAPE_WORDS = {
-    "circle": ["circle", "disc", "round disk", "orb"],
+    "circle": ["circle", "disc", "round disk", "circular disc"],
     "square": ["square", "box", "square tile", "block"],
     "triangle": ["triangle", "three-sided shape", "triangle shape", "pyramid"],
-    "star": ["star", "five-pointed star", "star shape", "pentagram"],
+    "star": ["star", "five-pointed star", "star shape", "starburst"],
     "heart": ["heart", "love heart", "heart shape", "valentine"],
     "cross": ["cross", "plus sign", "plus shape", "cross mark"],
 }
 COLOUR_WORDS = {
-    "red": ["red", "crimson", "bright red", "scarlet"],
-    "orange": ["orange", "tangerine", "deep orange", "amber"],
+    "red": ["red", "crimson", "bright red", "cherry red"],
+    "orange": ["orange", "tangerine", "deep orange", "apricot"],
     "yellow": ["yellow", "lemon", "bright yellow", "golden"],
     "green": ["green", "grass-green", "emerald", "leafy green"],
-    "blue": ["blue", "cobalt", "royal blue", "azure"],
-    "purple": ["purple", "violet", "deep purple", "plum"],
+    "blue": ["blue", "cobalt", "royal blue", "navy blue"],
+    "purple": ["purple", "violet", "deep purple", "lilac"],
 }
 STYLE_WORDS = {
     "plain": ["plain", "solid", "flat", "single-colour"],
@@ -66,8 +67,6 @@ TEMPLATES = {
         "a small {s} {c} {n}{bg}",
         "clip art of a {s} {c} {n}{bg}",
         "{c} {n}, {s}{bg}",
-        # NOTE: nouns ending in "shape" come out doubled ("star shape shape"). A fix changes
-        # the training captions and prompt sets, so it waits for the next UNet retraining.
         "a simple {s} {c} {n} shape{bg}",
         "an illustration of a {c} {s} {n}{bg}",
         "one {s} {n} in {c}{bg}",
@@ -113,6 +112,9 @@ def format_caption(
 ) -> str:
     """Fill one template; `background` is the already formatted phrase or ''."""
     text = template.format(s=style_word, c=colour_word, n=shape_word, bg=background)
+    # Nouns that end in "shape" ("star shape") would read "star shape shape" in the
+    # template that appends "shape".
+    text = re.sub(r"\bshape shape\b", "shape", text)
     return _with_articles(text)
 
 

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     train = actions.add_parser("train", help="train the oracle and the UNet from scratch")
     train.add_argument("--part", choices=("all", "oracle", "unet"), default="all",
                        help="what to train (default: all)")
-    train.add_argument("--unet-steps", type=int, default=4000, help="UNet optimiser steps")
+    train.add_argument("--unet-steps", type=int, default=4600, help="UNet optimiser steps")
     train.add_argument("--oracle-steps", type=int, default=1500, help="oracle optimiser steps")
     train.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads")

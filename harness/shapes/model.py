@@ -9,10 +9,6 @@ pixel-unshuffle codec. The default sampler takes DDPM's ancestral step (Ho et al
 than DDIM, by a margin within noise (`harness/shapes/README.md`). The UNet weights ship
 in `harness/shapes/weights/`, and `arena shapes train` (or `python -m harness.shapes.cli
 train`) reproduces them.
-
-NOTE: the shipped 4,000-step UNet misses one quality bar of `harness/shapes/quality.py`:
-the oracle reads swirl in 5 of the 60 images of swirl retain prompts (bar: at most 5%),
-see `weights/card.json`.
 """
 
 from __future__ import annotations
