@@ -7,7 +7,7 @@
   measures model and oracle together. A low number means that one of the two is wrong.
 - The style confusion per split: for each fill style a caption asks for, how many images
   the oracle reads as each style.
-- Per word that only the held-out split uses ("pentagram", "azure", ...): the share of its
+- Per word that only the held-out split uses ("starburst", "navy blue", ...): the share of its
   images that show its value, beside the value that the frozen MiniLM places it nearest.
 - Per erasure task: the share of forget-prompt images with the concept present (the
   undefended model should show it) and of retain-prompt images (it should not).
@@ -182,7 +182,7 @@ def check_bars(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # The held-out sentence that probes one word, with the other two attributes at their
-# canonical words ("a single pentagram, red and plain").
+# canonical words ("a single starburst, red and plain").
 _PROBE_TEMPLATE = TEMPLATES["heldout"][1]
 _PROBE_WORDS = {"shape": "circle", "colour": "red", "style": "plain"}
 
