@@ -23,8 +23,8 @@ from harness.shapes.render import BACKGROUND_TONES, COLOURS, SHAPES, STYLES, Sce
 SPLITS = ("train", "validation", "heldout")
 
 # Words for each attribute value. The last word of each list is used only by the held-out
-# split; the first is the canonical word, which prompt sets use. Each held-out word is one
-# that the frozen MiniLM places nearest its own value (the rule in harness/shapes/README.md).
+# split, and the first is the canonical word, which prompt sets use. The frozen MiniLM
+# places each held-out word nearest its own value (the rule in harness/shapes/README.md).
 SHAPE_WORDS = {
     "circle": ["circle", "disc", "round disk", "circular disc"],
     "square": ["square", "box", "square tile", "block"],
